@@ -1,0 +1,105 @@
+"""Run a checkpoint one decoder layer at a time.
+
+Only one decoder layer's weights are in memory at once: the embedding turns token ids into hidden
+states, then each layer is built by the family's adapter from its own tensors, applied to the whole
+batch, and dropped; finally the norm and the head give logits. The compression pass uses the same
+loop, observing or modifying each layer before moving on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..checkpoint import Checkpoint
+
+
+@dataclass
+class LayerContext:
+    """Per-batch inputs every decoder layer needs besides the hidden states."""
+
+    position_ids: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    masks: dict[str, object]          # attention mask per layer type
+
+
+class LayerwiseModel:
+    """A model whose decoder layers are loaded, run and released one at a time."""
+
+    def __init__(self, ckpt: Checkpoint, *, dtype: torch.dtype = torch.float32):
+        self.ckpt = ckpt
+        self.adapter = ckpt.adapter
+        self.dtype = dtype
+        self.hf_config = self.adapter.hf_config(ckpt.config)
+        self.hf_config.dtype = dtype
+        other = ckpt.load_other()
+        self.embed_weight = other["model.embed_tokens.weight"].to(dtype)
+        head = other.get("lm_head.weight")
+        if head is None or ckpt.config.get("tie_word_embeddings"):
+            head = other["model.embed_tokens.weight"]
+        self.head_weight = head.to(dtype)
+        self.norm = self.adapter.norm_class()(ckpt.config["hidden_size"], eps=ckpt.config["rms_norm_eps"])
+        self.norm.load_state_dict({"weight": other["model.norm.weight"].to(dtype)})
+        self.norm.to(dtype).eval()
+        self.rotary = self.adapter.rotary_class()(config=self.hf_config).eval()
+
+    # ------------------------------------------------------------------ pieces
+    @torch.no_grad()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(input_ids, self.embed_weight)
+
+    @torch.no_grad()
+    def context(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> LayerContext:
+        seq = hidden.shape[1]
+        position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0)
+        return LayerContext(
+            position_ids=position_ids,
+            position_embeddings=self.rotary(hidden, position_ids),
+            masks=self.adapter.layer_masks(self.hf_config, hidden, position_ids, attention_mask),
+        )
+
+    def layer(self, index: int, tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """Decoder layer ``index`` built from its own tensors (read from the checkpoint by default)."""
+        tensors = self.ckpt.load_layer(index) if tensors is None else tensors
+        return self.adapter.build_layer(self.hf_config, index, tensors, dtype=self.dtype)
+
+    @torch.no_grad()
+    def run_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        out = layer(
+            hidden,
+            position_embeddings=ctx.position_embeddings,
+            attention_mask=ctx.masks[self.adapter.layer_type(self.ckpt.config, index)],
+            position_ids=ctx.position_ids,
+            past_key_values=None,
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.norm(hidden), self.head_weight)
+
+    # ------------------------------------------------------------------ whole passes
+    def layers(self) -> Iterator[tuple[int, nn.Module]]:
+        for i in range(self.ckpt.num_layers):
+            yield i, self.layer(i)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                on_layer: Callable[[int, nn.Module, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Logits for ``input_ids`` [B, T], loading one decoder layer at a time.
+
+        ``on_layer(index, layer, hidden_in, hidden_out)`` is called after each layer (for observers).
+        """
+        hidden = self.embed(input_ids)
+        ctx = self.context(hidden, attention_mask)
+        for i in range(self.ckpt.num_layers):
+            layer = self.layer(i)
+            out = self.run_layer(layer, i, hidden, ctx)
+            if on_layer is not None:
+                on_layer(i, layer, hidden, out)
+            del layer
+            hidden = out
+        return self.head(hidden)

@@ -1,0 +1,251 @@
+"""Open a Hugging Face model folder (or Hub repo id) and stream its tensors layer by layer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+
+from ..errors import CheckpointError
+from .safetensors_header import HeaderEntry, read_header
+
+if TYPE_CHECKING:
+    from ..models.base import Adapter
+
+CONFIG = "config.json"
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shard: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def layer_prefix(index: int) -> str:
+    return f"model.layers.{index}."
+
+
+class Checkpoint:
+    """A safetensors checkpoint opened for streaming. Nothing is loaded until asked for.
+
+    ``tensors`` maps every tensor name to its shard, dtype and shape (from the headers alone).
+    ``load_layer(i)`` memory-maps decoder layer ``i``'s tensors and returns them keyed relative to the
+    layer (``mlp.gate.weight``); ``load(names)`` does the same for any full names.
+    """
+
+    def __init__(self, path: Path, config: dict, tensors: dict[str, TensorInfo]):
+        self.path = Path(path)
+        self.config = config
+        self.tensors = tensors
+        self._handles: dict[str, object] = {}
+        self.layer_names: dict[int, list[str]] = defaultdict(list)
+        self.other_names: list[str] = []
+        for name in tensors:
+            m = _LAYER_RE.match(name)
+            if m:
+                self.layer_names[int(m.group(1))].append(name)
+            else:
+                self.other_names.append(name)
+        self.layer_names = dict(self.layer_names)
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, source: str | os.PathLike, *, check: bool = True) -> "Checkpoint":
+        """Open a local model folder, or download a Hub repo id (only when online) and open that.
+
+        With ``check`` the architecture must have an adapter and the weights must agree with the config
+        (layer count, expert counts); any problem raises a one-line :class:`CheckpointError`.
+        """
+        path = Path(source)
+        if not path.exists():
+            if _REPO_ID_RE.match(str(source)) and not str(source).startswith((".", "/")):
+                path = _download(str(source))
+            else:
+                raise CheckpointError(f"model folder {source} does not exist")
+        if not path.is_dir():
+            raise CheckpointError(f"{source} is not a model folder (expected a folder with config.json)")
+        config = _read_config(path)
+        tensors = _scan_weights(path)
+        ckpt = cls(path, config, tensors)
+        if check:
+            ckpt.adapter.check(ckpt)
+        return ckpt
+
+    @cached_property
+    def adapter(self) -> "Adapter":
+        from ..models import get_adapter
+
+        return get_adapter(self.config)
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type"))
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    def layer_infos(self, index: int) -> dict[str, TensorInfo]:
+        """Header info of layer ``index``'s tensors, keyed relative to the layer."""
+        prefix = layer_prefix(index)
+        return {n[len(prefix):]: self.tensors[n] for n in self.layer_names.get(index, [])}
+
+    def layer_nbytes(self, index: int) -> int:
+        return sum(t.nbytes for t in self.layer_infos(index).values())
+
+    @property
+    def total_nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted({t.shard for t in self.tensors.values()})
+
+    def fingerprint(self) -> str:
+        """A cheap content hash: config, every shard's header and size, and 1 MiB samples of its data.
+
+        Reading whole shards of an 80B model would take minutes; headers pin names, shapes and dtypes,
+        and the samples tell apart two models of the same shape.
+        """
+        h = hashlib.sha256((self.path / CONFIG).read_bytes())
+        sample = 1 << 20
+        for shard in self.shards:
+            p = self.path / shard
+            size = p.stat().st_size
+            with open(p, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                h.update(shard.encode() + size.to_bytes(8, "little") + f.read(n))
+                h.update(f.read(sample))
+                f.seek(max(8 + n, size - sample))
+                h.update(f.read(sample))
+        return h.hexdigest()[:16]
+
+    # ------------------------------------------------------------------ loading
+    def load(self, names: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Memory-map the named tensors (full names). Pages are read only when touched."""
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            info = self.tensors.get(name)
+            if info is None:
+                raise CheckpointError(f"tensor {name!r} is not in {self.path}")
+            out[name] = self._handle(info.shard).get_tensor(name)
+        return out
+
+    def load_layer(self, index: int) -> dict[str, torch.Tensor]:
+        """Decoder layer ``index``'s tensors, keyed relative to the layer (``mlp.gate.weight``)."""
+        if index not in self.layer_names:
+            raise CheckpointError(f"{self.path} has no tensors for decoder layer {index}")
+        prefix = layer_prefix(index)
+        return {k[len(prefix):]: v for k, v in self.load(self.layer_names[index]).items()}
+
+    def load_other(self) -> dict[str, torch.Tensor]:
+        """Every tensor outside the decoder layers (embeddings, final norm, head, ``mtp.*``)."""
+        return self.load(self.other_names)
+
+    def _handle(self, shard: str):
+        h = self._handles.get(shard)
+        if h is None:
+            h = safe_open(str(self.path / shard), framework="pt")
+            self._handles[shard] = h
+        return h
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, model_type={self.model_type!r}, layers={self.num_layers})"
+
+
+# ---------------------------------------------------------------------- helpers
+def _read_config(path: Path) -> dict:
+    p = path / CONFIG
+    if not p.is_file():
+        raise CheckpointError(f"{path} has no config.json, so it is not a Hugging Face model folder")
+    try:
+        config = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise CheckpointError(f"{p} has no model_type")
+    return config
+
+
+def _scan_weights(path: Path) -> dict[str, TensorInfo]:
+    """Map every tensor to its shard, checking that the shards exist, are whole and match the index."""
+    index_file = path / INDEX
+    if index_file.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index_file} is not a valid safetensors index") from None
+        shards = sorted(set(weight_map.values()))
+    elif (path / SINGLE).is_file():
+        weight_map, shards = {}, [SINGLE]
+    else:
+        found = sorted(p.name for p in path.glob("*.safetensors"))
+        if found:
+            raise CheckpointError(f"{path} has shards {found[:3]} but no {INDEX}")
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise CheckpointError(f"{path} holds pickle weights; only safetensors are supported",
+                                  fix="re-save the model with save_pretrained(safe_serialization=True)")
+        raise CheckpointError(f"{path} has no safetensors weights")
+
+    missing = [s for s in shards if not (path / s).is_file()]
+    if missing:
+        raise CheckpointError(f"shard {missing[0]} listed in {INDEX} is missing from {path}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        entries, _ = read_header(path / shard)
+        for name, e in entries.items():
+            if weight_map and weight_map.get(name) != shard:
+                if name in weight_map:
+                    raise CheckpointError(f"{INDEX} puts {name!r} in {weight_map[name]} but it is in {shard}")
+                continue  # stray tensor the index does not reference: transformers ignores it too
+            tensors[name] = _info(name, shard, e)
+    absent = [n for n in weight_map if n not in tensors]
+    if absent:
+        raise CheckpointError(f"{len(absent)} tensor(s) listed in {INDEX} are not in their shard, e.g. {absent[0]!r}")
+    return tensors
+
+
+def _info(name: str, shard: str, e: HeaderEntry) -> TensorInfo:
+    return TensorInfo(name=name, shard=shard, dtype=e.dtype, shape=e.shape, nbytes=e.nbytes)
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch a Hub repo's config, tokenizer and safetensors into the HF cache (only when online)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise CheckpointError("huggingface_hub is not installed") from None
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.py"]
+    try:
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns))
+    except Exception as e:  # network, auth, missing repo: all one line for the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot fetch {repo_id} from the Hugging Face Hub: {first}",
+                              fix="pass a local model folder, or check the repo id and network") from None

@@ -1,0 +1,139 @@
+"""Write a checkpoint shard by shard, with a correct index, tokenizer files and generation config."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import CheckpointError
+from ..fsutil import atomic_dir
+from .reader import CONFIG, INDEX, SINGLE, Checkpoint
+
+# Files next to the weights that a model folder needs to be usable (tokenizer, chat template, generation).
+AUX_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+    "chat_template.json",
+)
+DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
+
+
+class CheckpointWriter:
+    """Accumulate tensors and flush them to numbered shards; publish the folder atomically on close.
+
+    Use as a context manager::
+
+        with CheckpointWriter(out, config=cfg, aux_from=src.path) as w:
+            w.add(tensors)            # any number of times, e.g. once per decoder layer
+        # out/ now holds config.json, shards, index, tokenizer files -- or nothing if the block failed
+
+    A shard is flushed whenever the buffered bytes reach ``max_shard_bytes``, so memory stays at about
+    one shard plus what the caller holds. Tensor bytes are written exactly as given (no dtype change).
+    """
+
+    def __init__(self, out_dir: Path, *, config: Mapping, aux_from: Path | None = None,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, extra_files: Mapping[str, str] | None = None):
+        self.out_dir = Path(out_dir)
+        self.config = dict(config)
+        self.aux_from = Path(aux_from) if aux_from else None
+        self.max_shard_bytes = int(max_shard_bytes)
+        self.extra_files = dict(extra_files or {})
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._shards: list[list[str]] = []
+        self._seen: set[str] = set()
+        self._total = 0
+        self._ctx = None
+        self._tmp: Path | None = None
+
+    def __enter__(self) -> "CheckpointWriter":
+        self._ctx = atomic_dir(self.out_dir)
+        self._tmp = self._ctx.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None:
+                self._finish()
+        except BaseException as e:
+            self._ctx.__exit__(type(e), e, e.__traceback__)
+            raise
+        return bool(self._ctx.__exit__(exc_type, exc, tb))
+
+    def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Queue full-name tensors for writing; flush a shard when the buffer is full."""
+        if self._tmp is None:
+            raise RuntimeError("CheckpointWriter must be used as a context manager")
+        for name, t in tensors.items():
+            if name in self._seen:
+                raise CheckpointError(f"tensor {name!r} written twice")
+            self._seen.add(name)
+            self._buffer[name] = t
+            self._buffer_bytes += t.numel() * t.element_size()
+        if self._buffer_bytes >= self.max_shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        n = len(self._shards) + 1
+        tensors = {k: v.contiguous() for k, v in self._buffer.items()}
+        save_file(tensors, str(self._tmp / f"part-{n:05d}.safetensors"), metadata={"format": "pt"})
+        self._shards.append(list(tensors))
+        self._total += self._buffer_bytes
+        self._buffer, self._buffer_bytes = {}, 0
+
+    def _finish(self) -> None:
+        self.flush()
+        tmp = self._tmp
+        if not self._shards:
+            raise CheckpointError("no tensors were written")
+        count = len(self._shards)
+        if count == 1:
+            os.replace(tmp / "part-00001.safetensors", tmp / SINGLE)
+        else:
+            weight_map: dict[str, str] = {}
+            for i, names in enumerate(self._shards, start=1):
+                final = f"model-{i:05d}-of-{count:05d}.safetensors"
+                os.replace(tmp / f"part-{i:05d}.safetensors", tmp / final)
+                weight_map.update({name: final for name in names})
+            index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / CONFIG).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        if self.aux_from is not None:
+            for name in AUX_FILES:
+                src = self.aux_from / name
+                if src.is_file():
+                    shutil.copy2(src, tmp / name)
+        for name, text in self.extra_files.items():
+            (tmp / name).write_text(text)
+
+
+def write_checkpoint(src: Checkpoint, out_dir: Path, *, config: Mapping | None = None,
+                     layers: Iterable[tuple[int, Mapping[str, torch.Tensor]]] | None = None,
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                     extra_files: Mapping[str, str] | None = None) -> Path:
+    """Copy ``src`` to ``out_dir`` one decoder layer at a time.
+
+    ``layers`` may supply replacement per-layer tensors (relative names, e.g. from a compression pass);
+    by default each layer is read from ``src`` as is. Non-layer tensors (embeddings, norm, head, ``mtp.*``)
+    are copied unchanged. The tokenizer files and generation config come along.
+    """
+    from .reader import layer_prefix
+
+    layers = layers if layers is not None else ((i, src.load_layer(i)) for i in range(src.num_layers))
+    with CheckpointWriter(out_dir, config=config or src.config, aux_from=src.path,
+                          max_shard_bytes=max_shard_bytes, extra_files=extra_files) as w:
+        other = src.load_other()
+        w.add({k: v for k, v in other.items() if not k.startswith("lm_head.")} )
+        for i, tensors in layers:
+            prefix = layer_prefix(i)
+            w.add({prefix + k: v for k, v in tensors.items()})
+        w.add({k: v for k, v in other.items() if k.startswith("lm_head.")})
+    return Path(out_dir)

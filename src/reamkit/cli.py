@@ -1,0 +1,136 @@
+"""The ``reamkit`` command."""
+
+from __future__ import annotations
+
+import functools
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .errors import ReamkitError
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+app = typer.Typer(
+    name="reamkit",
+    help="Compress giant MoE coding models (REAM/REAP), convert and quantize them to GGUF, evaluate and serve them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+class Family(str, Enum):
+    qwen3_next = "qwen3_next"
+    qwen3_moe = "qwen3_moe"
+    mixtral = "mixtral"
+
+
+class GGUFType(str, Enum):
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+
+
+def user_errors(fn):
+    """Turn a ReamkitError into one line on stderr and a non-zero exit; no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ReamkitError as e:
+            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def doctor() -> None:
+    """Print the versions of the pinned toolchain and the paths of the llama.cpp tools."""
+    from .toolchain import doctor_checks
+
+    checks = doctor_checks()
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        mark = "[green]ok[/]  " if c.ok else "[red]FAIL[/]"
+        line = f"{mark} {c.name.ljust(width)}  {c.detail}"
+        if not c.ok and c.fix:
+            line += f"  [yellow]-> {c.fix}[/]"
+        out.print(line, highlight=False, soft_wrap=True)
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def zoo(
+    family: Annotated[Family, typer.Argument(help="model family of the tiny model")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="folder to write the model to")],
+    seed: Annotated[int, typer.Option(help="random seed of the weights")] = 0,
+) -> None:
+    """Write a tiny, deterministic model of FAMILY as a Hugging Face model folder."""
+    from .zoo import write_zoo_model
+
+    with err.status(f"building tiny {family.value} model"):
+        path = write_zoo_model(family.value, output, seed=seed)
+    out.print(f"wrote {family.value} model to {path}")
+
+
+@app.command()
+@user_errors
+def convert(
+    model: Annotated[str, typer.Argument(help="Hugging Face model folder or Hub repo id")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="GGUF file to write")],
+    dtype: Annotated[GGUFType, typer.Option("--dtype", help="tensor type of the GGUF")] = GGUFType.f16,
+    fallback_pre: Annotated[str, typer.Option(help="pre-tokenizer for tokenizers the converter does not know")] = "qwen2",
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="show the converter's log")] = False,
+) -> None:
+    """Convert a checkpoint to GGUF with the pinned llama.cpp converter."""
+    from .gguf import convert_to_gguf
+
+    def show(line: str) -> None:
+        if verbose:
+            err.print(line, markup=False, highlight=False)
+        else:
+            status.update(f"converting {model} -> {output} ({dtype.value}): {line[:90]}")
+
+    with err.status(f"converting {model} -> {output}") as status:
+        path, done = convert_to_gguf(model, output, dtype=dtype.value, fallback_pre=fallback_pre, on_line=show)
+    size = path.stat().st_size / 2**20
+    out.print(f"{'wrote' if done else 'up to date:'} {path} ({size:.1f} MiB, {dtype.value})")
+
+
+@app.command()
+@user_errors
+def demo(
+    output: Annotated[Path, typer.Option("-o", "--output", help="folder for the demo outputs")] = Path("demo-out"),
+) -> None:
+    """Run the main job on the built-in demo model (today: tiny qwen3_next -> GGUF, then doctor)."""
+    from .gguf import convert_to_gguf
+    from .zoo import write_zoo_model
+
+    model_dir = output / "qwen3_next-tiny"
+    with err.status("building the demo model"):
+        write_zoo_model("qwen3_next", model_dir)
+    out.print(f"model: {model_dir}")
+    with err.status("converting to GGUF (f16)"):
+        gguf, _ = convert_to_gguf(model_dir, output / "qwen3_next-tiny-f16.gguf", dtype="f16")
+    out.print(f"gguf:  {gguf} ({gguf.stat().st_size / 2**20:.1f} MiB)")
+    doctor()
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

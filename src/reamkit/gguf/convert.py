@@ -1,0 +1,95 @@
+"""``reamkit convert``: a Hugging Face checkpoint to one GGUF file, via the pinned llama.cpp converter.
+
+Workarounds applied automatically (toolchain reference §7.3):
+
+1. ``--no-mtp`` for a ``qwen3_next`` checkpoint without ``mtp.*`` tensors (the converter otherwise asserts);
+   with MTP tensors present they are converted too.
+2. An unknown tokenizer hash falls back to a configured pre-tokenizer (``qwen2``) instead of failing.
+3. ``sentencepiece`` is a reamkit dependency, which the converter needs for Llama-family vocabularies.
+
+The GGUF is written to a temporary file and renamed into place with a manifest beside it, so an interrupted
+conversion leaves nothing behind and a repeated one is skipped.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from ..checkpoint import Checkpoint
+from ..errors import ReamkitError, ToolchainError
+from ..fsutil import atomic_file
+from ..manifest import Manifest, existing_output_is_current, manifest_path_for, stage_key, write_manifest
+from ..toolchain import find_toolchain, last_error_line
+
+GGUF_DTYPES = ("f32", "f16", "bf16")
+_ENTRY = Path(__file__).with_name("converter_entry.py")
+
+
+def converter_args(ckpt: Checkpoint) -> list[str]:
+    """Extra converter flags this checkpoint needs."""
+    if ckpt.model_type == "qwen3_next" and not any(n.startswith("mtp.") for n in ckpt.other_names):
+        return ["--no-mtp"]
+    return []
+
+
+def convert_to_gguf(model: str | Path, out: Path, *, dtype: str = "f16", fallback_pre: str = "qwen2",
+                    on_line: Callable[[str], None] | None = None) -> tuple[Path, bool]:
+    """Convert ``model`` (folder or Hub id) to ``out``. Returns ``(out, converted)``; ``converted`` is False
+    when ``out`` already held this very conversion."""
+    if dtype not in GGUF_DTYPES:
+        raise ReamkitError(f"unsupported GGUF dtype {dtype!r}; choose one of {', '.join(GGUF_DTYPES)}")
+    out = Path(out)
+    ckpt = Checkpoint.open(model)
+    tc = find_toolchain()
+    extra = converter_args(ckpt)
+    inputs = {"model_fingerprint": ckpt.fingerprint()}
+    params = {"dtype": dtype, "llama_cpp_commit": tc.commit, "converter_args": extra, "fallback_pre": fallback_pre}
+    key = stage_key("convert", inputs, params)
+    if existing_output_is_current(out, key, "GGUF", folder=False):
+        return out, False
+
+    with atomic_file(out) as tmp:
+        cmd = [sys.executable, str(_ENTRY), str(ckpt.path), "--outtype", dtype, "--outfile", str(tmp), *extra]
+        env = {**os.environ, "REAMKIT_LLAMA_CPP_SRC": str(tc.src_dir), "REAMKIT_FALLBACK_PRE": fallback_pre,
+               "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+        env.pop("NO_LOCAL_GGUF", None)
+        tail = _run_streaming(cmd, env, on_line)
+        if tail is not None:
+            raise ToolchainError(f"convert_hf_to_gguf.py failed on {ckpt.path}: {tail}")
+        n_tensors = _check_gguf(tmp)
+        write_manifest(manifest_path_for(out, folder=False), Manifest.new(
+            "convert", inputs=inputs, params=params, info={"model": str(ckpt.path)},
+            outputs={"file": out.name, "bytes": tmp.stat().st_size, "tensors": n_tensors}))
+    return out, True
+
+
+def _run_streaming(cmd: list[str], env: dict, on_line: Callable[[str], None] | None) -> str | None:
+    """Run the converter, forwarding its log lines; None on success, else its most telling error line."""
+    tail: collections.deque[str] = collections.deque(maxlen=400)
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail.append(line)
+            if on_line is not None:
+                on_line(line.rstrip("\n"))
+        rc = proc.wait()
+    return None if rc == 0 else last_error_line("".join(tail))
+
+
+def _check_gguf(path: Path) -> int:
+    """Open the result with gguf-py; a converter that 'succeeded' with a broken file is an error."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
+        raise ToolchainError(f"the converter wrote an unreadable GGUF: {e}") from None
+    if not reader.tensors:
+        raise ToolchainError("the converter wrote a GGUF without tensors")
+    return len(reader.tensors)

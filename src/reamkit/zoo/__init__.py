@@ -1,0 +1,141 @@
+"""Tiny model zoo: deterministic, seconds-to-build checkpoints of every supported family.
+
+Each is a normal Hugging Face model folder (fp32 safetensors, tokenizer, ChatML template) so every
+reamkit command can be tried without downloading anything. Hidden and expert sizes are multiples of 256
+so K-quants apply. Routers are scaled x8 so top-k choices have clear margins (no near-ties that would flip
+an expert between two numerically-equal implementations) and ``lm_head`` x4 so logits are peaked; every
+1-D parameter (norms, ``A_log``, ``dt_bias``) is perturbed so that conversion bugs show up.
+
+Builds are cached under ``~/.cache/reamkit/zoo`` keyed by the spec and library versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import ReamkitError
+from ..fsutil import atomic_dir
+from ..manifest import Manifest, existing_output_is_current, manifest_path_for, write_manifest
+
+BUILDER_VERSION = 1
+_COMMON = {
+    "vocab_size": 4096, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 64, "initializer_range": 0.05, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0, "hidden_act": "silu",
+}
+FAMILIES: dict[str, dict] = {
+    "qwen3_next": {
+        **_COMMON, "model_type": "qwen3_next", "architectures": ["Qwen3NextForCausalLM"],
+        "layer_types": ["linear_attention"] * 3 + ["full_attention"], "full_attention_interval": 4,
+        "linear_num_key_heads": 2, "linear_key_head_dim": 64, "linear_num_value_heads": 4,
+        "linear_value_head_dim": 64, "linear_conv_kernel_dim": 4, "partial_rotary_factor": 0.25,
+        "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 256,
+        "shared_expert_intermediate_size": 512, "intermediate_size": 512, "norm_topk_prob": True,
+        "decoder_sparse_step": 1, "mlp_only_layers": [],
+    },
+    "qwen3_moe": {
+        **_COMMON, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+        "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 256,
+        "intermediate_size": 512, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+    },
+    "mixtral": {
+        **_COMMON, "model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+        "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 512,
+    },
+}
+ROUTER_SCALE, HEAD_SCALE, PERTURB = 8.0, 4.0, 0.1
+
+
+def cache_root() -> Path:
+    base = os.environ.get("REAMKIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "reamkit")
+    return Path(base)
+
+
+def spec_for(family: str, **overrides) -> dict:
+    if family not in FAMILIES:
+        raise ReamkitError(f"unknown zoo family {family!r}; choose one of: {', '.join(FAMILIES)}")
+    return {**FAMILIES[family], **overrides}
+
+
+def _key(spec: dict, seed: int) -> str:
+    from ..manifest import package_versions
+
+    v = package_versions()
+    blob = json.dumps({"spec": spec, "seed": seed, "builder": BUILDER_VERSION,
+                       "torch": v.get("torch"), "transformers": v.get("transformers")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def tokenizer_dir() -> Path:
+    """The zoo tokenizer, trained once and cached."""
+    from .tokenizer import train_tokenizer
+
+    out = cache_root() / "zoo" / f"tokenizer-v{BUILDER_VERSION}"
+    if not (out / "tokenizer.json").is_file():
+        if out.exists():
+            shutil.rmtree(out)
+        with atomic_dir(out) as tmp:
+            train_tokenizer(tmp)
+    return out
+
+
+def _build(spec: dict, seed: int, out: Path) -> None:
+    import torch
+    import transformers
+
+    from ..models import get_adapter
+
+    adapter = get_adapter(spec)
+    torch.manual_seed(seed)
+    cfg = adapter.hf_config(spec)
+    cfg.dtype = "float32"
+    model = getattr(transformers, spec["architectures"][0])(cfg).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_((torch.rand(p.shape, generator=gen) * 2 - 1) * PERTURB)
+            elif name.endswith(".gate.weight") and p.shape[0] == adapter.num_experts(spec):
+                p.mul_(ROUTER_SCALE)
+        model.lm_head.weight.mul_(HEAD_SCALE)
+    model.generation_config.do_sample = False
+    model.save_pretrained(str(out), safe_serialization=True)
+    for f in tokenizer_dir().iterdir():
+        shutil.copy2(f, out / f.name)
+
+
+def build_cached(family: str, *, seed: int = 0, **overrides) -> Path:
+    """Build (once) and return the cached folder of a zoo model."""
+    spec = spec_for(family, **overrides)
+    key = _key(spec, seed)
+    out = cache_root() / "zoo" / f"{family}-{key}"
+    if not (out / "config.json").is_file():
+        if out.exists():
+            shutil.rmtree(out)
+        with atomic_dir(out) as tmp:
+            _build(spec, seed, tmp)
+            write_manifest(manifest_path_for(tmp, folder=True),
+                           Manifest.new("zoo", inputs={"family": family}, params={"spec": spec, "seed": seed}))
+    return out
+
+
+def write_zoo_model(family: str, out_dir: Path, *, seed: int = 0, **overrides) -> Path:
+    """Write a zoo model as a Hugging Face model folder at ``out_dir`` (atomically).
+
+    Rerunning with the same family writes nothing; an ``out_dir`` holding anything else is refused.
+    """
+    cached = build_cached(family, seed=seed, **overrides)
+    manifest = Manifest.model_validate_json(manifest_path_for(cached, folder=True).read_text())
+    out_dir = Path(out_dir)
+    if existing_output_is_current(out_dir, manifest.key, "model", folder=True):
+        return out_dir
+    with atomic_dir(out_dir) as tmp:
+        for f in cached.iterdir():
+            shutil.copy2(f, tmp / f.name)
+    return out_dir
