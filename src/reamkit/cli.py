@@ -76,12 +76,13 @@ def zoo(
     family: Annotated[Family, typer.Argument(help="model family of the tiny model")],
     output: Annotated[Path, typer.Option("-o", "--output", help="folder to write the model to")],
     seed: Annotated[int, typer.Option(help="random seed of the weights")] = 0,
+    mtp: Annotated[bool, typer.Option("--mtp", help="add a Hub-style mtp.* block (qwen3_next only)")] = False,
 ) -> None:
     """Write a tiny, deterministic model of FAMILY as a Hugging Face model folder."""
     from .zoo import write_zoo_model
 
     with err.status(f"building tiny {family.value} model"):
-        path = write_zoo_model(family.value, output, seed=seed)
+        path = write_zoo_model(family.value, output, seed=seed, mtp=mtp)
     out.print(f"wrote {family.value} model to {path}")
 
 
@@ -99,7 +100,7 @@ def convert(
 
     def show(line: str) -> None:
         if verbose:
-            err.print(line, markup=False, highlight=False)
+            err.print(line, markup=False, highlight=False, soft_wrap=True)
         else:
             status.update(f"converting {model} -> {output} ({dtype.value}): {line[:90]}")
 

@@ -1,7 +1,8 @@
 """Atomic outputs: every file or folder reamkit produces appears whole or not at all.
 
 Work happens in a hidden temporary sibling (same filesystem) that is renamed into place at the end;
-a killed run leaves only a ``.<name>.tmp-*`` entry, which the next run removes.
+a killed run leaves only a ``.<name>.tmp-<pid>-*`` entry, which the next run removes once that process
+is gone.
 """
 
 from __future__ import annotations
@@ -18,19 +19,35 @@ from typing import Any
 
 
 def _tmp_prefix(target: Path) -> str:
-    return f".{target.name}.tmp-"
+    return f".{target.name}.tmp-{os.getpid()}-"
 
 
-def clean_stale_temps(target: Path) -> None:
-    """Remove temporaries left next to ``target`` by a killed run."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(target: Path) -> list[Path]:
+    """Remove temporaries left next to ``target`` by killed runs (those whose process is gone)."""
     parent = target.parent
+    removed: list[Path] = []
     if not parent.is_dir():
-        return
-    for stale in parent.glob(_tmp_prefix(target) + "*"):
+        return removed
+    for stale in parent.glob(f".{target.name}.tmp-*"):
+        pid = stale.name[len(f".{target.name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue  # another live run is writing it
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
 
 
 @contextlib.contextmanager
@@ -59,6 +76,7 @@ def atomic_file(target: Path) -> Iterator[Path]:
     """Yield a temporary path in ``target``'s folder that is renamed onto ``target`` on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(target)
     fd, name = tempfile.mkstemp(prefix=_tmp_prefix(target), dir=target.parent)
     os.close(fd)
     tmp = Path(name)

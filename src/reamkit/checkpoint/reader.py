@@ -155,6 +155,13 @@ class Checkpoint:
         prefix = layer_prefix(index)
         return {k[len(prefix):]: v for k, v in self.load(self.layer_names[index]).items()}
 
+    def load_group(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every tensor whose name starts with ``prefix``, keyed relative to it (e.g. ``mtp.layers.0.``)."""
+        names = [n for n in self.tensors if n.startswith(prefix)]
+        if not names:
+            raise CheckpointError(f"{self.path} has no tensors under {prefix!r}")
+        return {k[len(prefix):]: v for k, v in self.load(names).items()}
+
     def load_other(self) -> dict[str, torch.Tensor]:
         """Every tensor outside the decoder layers (embeddings, final norm, head, ``mtp.*``)."""
         return self.load(self.other_names)

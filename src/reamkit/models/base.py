@@ -115,6 +115,14 @@ class Adapter:
         return [i for i in range(int(config["num_hidden_layers"]))
                 if i not in dense and (i + 1) % step == 0 and self.num_experts(config) > 0]
 
+    def moe_groups(self, ckpt: "Checkpoint") -> list[str]:
+        """Name prefixes of every MoE block to compress: the MoE decoder layers, then any extra blocks
+        (e.g. Qwen3-Next's MTP layer). Each prefix's tensors, loaded with ``ckpt.load_group``, use the
+        same relative names as a decoder layer's."""
+        from ..checkpoint.reader import layer_prefix
+
+        return [layer_prefix(i) for i in self.moe_layers(ckpt.config)]
+
     def layer_type(self, config: dict, index: int) -> str:
         types = config.get("layer_types")
         return types[index] if types else "full_attention"
@@ -203,6 +211,12 @@ class Adapter:
         return len(ids)
 
     # ------------------------------------------------------------------ checks
+    def stored_experts(self, infos) -> int:
+        """How many routed experts a layer's tensors (or header infos) hold, in either layout."""
+        if self.expert_layout(infos) == "fused":
+            return infos[f"{self.moe}.experts.gate_up_proj"].shape[0]
+        return self._count_per_expert(infos)
+
     def check(self, ckpt: "Checkpoint") -> None:
         """Raise a one-line CheckpointError if the weights disagree with the config."""
         cfg = ckpt.config
@@ -220,10 +234,7 @@ class Adapter:
             if rkey not in infos:
                 raise CheckpointError(f"layer {i} has no router tensor {rkey}")
             router_n = infos[rkey].shape[0]
-            if layout == "fused":
-                stored = infos[f"{self.moe}.experts.gate_up_proj"].shape[0]
-            else:
-                stored = self._count_per_expert(infos)
+            stored = self.stored_experts(infos)
             if stored != n or router_n != n:
                 raise CheckpointError(
                     f"config.json says {self.num_experts_key(cfg)}={n} but layer {i} holds {stored} experts "

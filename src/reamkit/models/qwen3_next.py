@@ -15,6 +15,8 @@ import re
 from ..errors import CheckpointError
 from .base import Adapter
 
+_MTP_LAYER = re.compile(r"^mtp\.layers\.\d+\.")
+
 
 class Qwen3NextAdapter(Adapter):
     model_type = "qwen3_next"
@@ -41,15 +43,20 @@ class Qwen3NextAdapter(Adapter):
             past_key_values=None, position_ids=position_ids)
         return masks
 
+    def mtp_layers(self, ckpt) -> list[str]:
+        """Prefixes of the MTP decoder layers present (``mtp.layers.0.``), usually none or one."""
+        found = {m.group(0) for n in ckpt.other_names if (m := _MTP_LAYER.match(n))}
+        return sorted(found, key=lambda p: int(p.split(".")[2]))
+
+    def moe_groups(self, ckpt) -> list[str]:
+        return super().moe_groups(ckpt) + self.mtp_layers(ckpt)
+
     def check(self, ckpt) -> None:
         super().check(ckpt)
         # The MTP block (when present) has its own MoE with the same expert count.
-        pat = re.compile(r"^mtp\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
-        per_layer: dict[int, set[int]] = {}
-        for name in ckpt.other_names:
-            if m := pat.match(name):
-                per_layer.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
         n = self.num_experts(ckpt.config)
-        for layer, ids in per_layer.items():
-            if len(ids) != n:
-                raise CheckpointError(f"config.json says num_experts={n} but MTP layer {layer} holds {len(ids)} experts")
+        for prefix in self.mtp_layers(ckpt):
+            infos = {k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
+            stored = self.stored_experts(infos)
+            if stored != n:
+                raise CheckpointError(f"config.json says num_experts={n} but MTP layer {prefix} holds {stored} experts")

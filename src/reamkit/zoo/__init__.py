@@ -85,12 +85,40 @@ def tokenizer_dir() -> Path:
     return out
 
 
-def _build(spec: dict, seed: int, out: Path) -> None:
+def _add_mtp(out: Path, spec: dict, seed: int) -> None:
+    """Give a qwen3_next model a Hub-style multi-token-prediction block (``mtp.*``).
+
+    Layout as in the Qwen3-Next checkpoints: ``mtp.fc`` [H, 2H], ``mtp.pre_fc_norm_embedding``,
+    ``mtp.pre_fc_norm_hidden``, ``mtp.norm`` and one full-attention decoder layer with its own MoE under
+    ``mtp.layers.0.``. transformers ignores these tensors; llama.cpp converts them to a NextN layer.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(out / "model.safetensors"))
+    last = spec["num_hidden_layers"] - 1
+    assert spec["layer_types"][last] == "full_attention"
+    gen = torch.Generator().manual_seed(seed + 2)
+    h = spec["hidden_size"]
+    prefix = f"model.layers.{last}."
+    for name, t in list(weights.items()):
+        if name.startswith(prefix):
+            noise = torch.randn(t.shape, generator=gen) * (0.1 if t.ndim == 1 else 0.01)
+            weights["mtp.layers.0." + name[len(prefix):]] = (t + noise).contiguous()
+    weights["mtp.fc.weight"] = torch.randn(h, 2 * h, generator=gen) * spec["initializer_range"]
+    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        weights[f"mtp.{norm}.weight"] = torch.rand(h, generator=gen) * 0.2 - 0.1
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _build(spec: dict, seed: int, out: Path, mtp: bool = False) -> None:
     import torch
     import transformers
+    from transformers.utils import logging as hf_logging
 
     from ..models import get_adapter
 
+    hf_logging.disable_progress_bar()
     adapter = get_adapter(spec)
     torch.manual_seed(seed)
     cfg = adapter.hf_config(spec)
@@ -106,31 +134,38 @@ def _build(spec: dict, seed: int, out: Path) -> None:
         model.lm_head.weight.mul_(HEAD_SCALE)
     model.generation_config.do_sample = False
     model.save_pretrained(str(out), safe_serialization=True)
+    if mtp:
+        _add_mtp(out, spec, seed)
     for f in tokenizer_dir().iterdir():
         shutil.copy2(f, out / f.name)
 
 
-def build_cached(family: str, *, seed: int = 0, **overrides) -> Path:
-    """Build (once) and return the cached folder of a zoo model."""
+def build_cached(family: str, *, seed: int = 0, mtp: bool = False, **overrides) -> Path:
+    """Build (once) and return the cached folder of a zoo model.
+
+    ``mtp`` (qwen3_next only) adds a Hub-style ``mtp.*`` multi-token-prediction block.
+    """
     spec = spec_for(family, **overrides)
-    key = _key(spec, seed)
+    if mtp and family != "qwen3_next":
+        raise ReamkitError(f"only qwen3_next models have an MTP block, not {family}")
+    key = _key(spec, seed) + ("-mtp" if mtp else "")
     out = cache_root() / "zoo" / f"{family}-{key}"
     if not (out / "config.json").is_file():
         if out.exists():
             shutil.rmtree(out)
         with atomic_dir(out) as tmp:
-            _build(spec, seed, tmp)
-            write_manifest(manifest_path_for(tmp, folder=True),
-                           Manifest.new("zoo", inputs={"family": family}, params={"spec": spec, "seed": seed}))
+            _build(spec, seed, tmp, mtp=mtp)
+            write_manifest(manifest_path_for(tmp, folder=True), Manifest.new(
+                "zoo", inputs={"family": family}, params={"spec": spec, "seed": seed, "mtp": mtp}))
     return out
 
 
-def write_zoo_model(family: str, out_dir: Path, *, seed: int = 0, **overrides) -> Path:
+def write_zoo_model(family: str, out_dir: Path, *, seed: int = 0, mtp: bool = False, **overrides) -> Path:
     """Write a zoo model as a Hugging Face model folder at ``out_dir`` (atomically).
 
     Rerunning with the same family writes nothing; an ``out_dir`` holding anything else is refused.
     """
-    cached = build_cached(family, seed=seed, **overrides)
+    cached = build_cached(family, seed=seed, mtp=mtp, **overrides)
     manifest = Manifest.model_validate_json(manifest_path_for(cached, folder=True).read_text())
     out_dir = Path(out_dir)
     if existing_output_is_current(out_dir, manifest.key, "model", folder=True):
