@@ -43,9 +43,9 @@ if [ "$(cat "$VENV/.reamkit-deps" 2>/dev/null)" != "$deps_key" ]; then
   # PyPI's plain torch 2.13.0 is a CUDA build on Linux, which we never want.
   "${PIP[@]}" install -c constraints.txt "torch==2.13.0+cpu" --retries 1 --timeout 20 \
     --extra-index-url https://download.pytorch.org/whl/cpu
+  "${PIP[@]}" install -c constraints.txt -e ".[dev]"
   "$VENV/bin/python" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") and not torch.version.cuda else 1)' \
     || die "torch is not the 2.13.0 CPU build: $("$VENV/bin/python" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
-  "${PIP[@]}" install -c constraints.txt -e ".[dev]"
   echo "$deps_key" > "$VENV/.reamkit-deps"
 else
   say "python dependencies up to date"

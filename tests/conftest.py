@@ -17,6 +17,20 @@ import torch  # noqa: E402
 from reamkit.zoo import FAMILIES, build_cached  # noqa: E402
 
 FAMILY_NAMES = list(FAMILIES)
+_FIGURES: list[str] = []
+
+
+@pytest.fixture
+def figure():
+    """Report a measured figure; all of them are printed in the run's summary (not only with -s)."""
+    return _FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("reamkit figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session", params=FAMILY_NAMES)

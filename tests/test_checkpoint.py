@@ -93,7 +93,7 @@ BIG_LAYER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_reading_one_layer_of_a_big_checkpoint_is_streamed(tmp_path):
+def test_reading_one_layer_of_a_big_checkpoint_is_streamed(tmp_path, figure):
     """One layer of a >= 1 GB checkpoint raises peak RSS by less than twice that layer's size."""
     from reamkit.zoo import spec_for
 
@@ -123,7 +123,7 @@ def test_reading_one_layer_of_a_big_checkpoint_is_streamed(tmp_path):
                          check=True)
     fig = json.loads(res.stdout.strip().splitlines()[-1])
     ratio = fig["rise"] / fig["layer_bytes"]
-    print(f"checkpoint {fig['total_bytes'] / 1e9:.2f} GB, layer {fig['layer_bytes'] / 1e6:.0f} MB, "
-          f"peak RSS rise {fig['rise'] / 1e6:.0f} MB = {ratio:.2f}x the layer")
+    figure(f"reading layer 1 of a {fig['total_bytes'] / 1e9:.2f} GB checkpoint (layer {fig['layer_bytes'] / 1e6:.0f} MB): "
+           f"peak RSS rise {fig['rise'] / 1e6:.0f} MB = {ratio:.2f}x the layer")
     assert fig["total_bytes"] >= 1e9
     assert ratio < 2.0

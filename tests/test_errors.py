@@ -137,3 +137,11 @@ def test_killed_writer_leaves_no_output_and_next_run_cleans_up(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"]
     assert clean_stale_temps(target) == []
     assert os.path.getsize(target) == 2
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    res = run_cli("convert", "no-such-org/no-such-model", "-o", tmp_path / "x.gguf")
+    assert_one_line_error(res, "no-such-org/no-such-model", "Hugging Face Hub")
+    assert not (tmp_path / "x.gguf").exists()

@@ -36,7 +36,7 @@ def llama_logits(gguf_path, ids: list[int]) -> np.ndarray:
     return scores
 
 
-def test_f32_gguf_matches_transformers(zoo_path, f32_gguf, family):
+def test_f32_gguf_matches_transformers(zoo_path, f32_gguf, family, figure):
     ids = reference_ids(zoo_path, N_POSITIONS)
     ref = hf_logits(zoo_path, ids).double()
     got = torch.from_numpy(llama_logits(f32_gguf, ids[0].tolist()))
@@ -44,7 +44,7 @@ def test_f32_gguf_matches_transformers(zoo_path, f32_gguf, family):
     logp, logq = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
     kl = (logp.exp() * (logp - logq)).sum(-1)          # KL(HF || llama.cpp) per position
     top1 = (ref.argmax(-1) == got.argmax(-1)).double().mean().item()
-    print(f"{family}: F32 GGUF vs transformers over {N_POSITIONS} positions: mean KL {kl.mean():.3g}, "
+    figure(f"{family}: F32 GGUF vs transformers over {N_POSITIONS} positions: mean KL {kl.mean():.3g}, "
           f"max KL {kl.max():.3g}, top-1 {top1:.1%}, max |dlogit| {(ref - got).abs().max():.3g}")
     assert kl.mean().item() < 1e-6
     assert top1 == 1.0

@@ -12,7 +12,7 @@ from reamkit.checkpoint import Checkpoint
 from .conftest import hf_logits, reference_ids
 
 
-def test_layer_by_layer_matches_transformers(zoo_path, family):
+def test_layer_by_layer_matches_transformers(zoo_path, family, figure):
     ids = reference_ids(zoo_path, 160)
     ref = hf_logits(zoo_path, ids)
 
@@ -32,7 +32,7 @@ def test_layer_by_layer_matches_transformers(zoo_path, family):
     logits = model.forward(ids, on_layer=observe)[0]
 
     diff = (logits - ref).abs().max().item()
-    print(f"{family}: max abs diff layer-by-layer vs transformers = {diff:.3g}")
+    figure(f"{family}: max abs diff layer-by-layer vs transformers = {diff:.3g}")
     assert diff < 1e-4
     assert loaded == list(range(ckpt.num_layers))   # each layer loaded once, when its turn came
     if family == "qwen3_next":

@@ -21,7 +21,7 @@ def test_sizes_are_kquant_friendly(zoo_path):
     assert cfg["bos_token_id"] == 0 and cfg["eos_token_id"] == 2
 
 
-def test_routers_have_no_near_ties(zoo_path):
+def test_routers_have_no_near_ties(zoo_path, family, figure):
     """On real text the router-logit gap between the k-th and (k+1)-th expert stays far above float noise,
     so two correct implementations never pick different experts."""
     from reamkit.calibration import LayerwiseModel
@@ -43,7 +43,7 @@ def test_routers_have_no_near_ties(zoo_path):
         hidden = model.run_layer(layer, i, hidden, ctx)
         hook.remove()
     assert len(gaps) == ckpt.num_layers
-    print(f"smallest top-k router-logit margin per layer: {[f'{g:.1e}' for g in gaps]}")
+    figure(f"{family}: smallest top-k router-logit margin per layer: {[f'{g:.1e}' for g in gaps]}")
     # F32 implementations differ in router logits by ~1e-6; a margin 100x that cannot flip an expert.
     assert min(gaps) > 1e-4
 

@@ -254,5 +254,5 @@ def _download(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns))
     except Exception as e:  # network, auth, missing repo: all one line for the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot fetch {repo_id} from the Hugging Face Hub: {first}",
+        raise CheckpointError(f"{repo_id} is not a local folder and fetching it from the Hugging Face Hub failed: {first}",
                               fix="pass a local model folder, or check the repo id and network") from None

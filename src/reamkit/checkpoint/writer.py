@@ -130,10 +130,8 @@ def write_checkpoint(src: Checkpoint, out_dir: Path, *, config: Mapping | None =
     layers = layers if layers is not None else ((i, src.load_layer(i)) for i in range(src.num_layers))
     with CheckpointWriter(out_dir, config=config or src.config, aux_from=src.path,
                           max_shard_bytes=max_shard_bytes, extra_files=extra_files) as w:
-        other = src.load_other()
-        w.add({k: v for k, v in other.items() if not k.startswith("lm_head.")} )
+        w.add(src.load_other())
         for i, tensors in layers:
             prefix = layer_prefix(i)
             w.add({prefix + k: v for k, v in tensors.items()})
-        w.add({k: v for k, v in other.items() if k.startswith("lm_head.")})
     return Path(out_dir)
