@@ -56,3 +56,22 @@ def test_layer_rebuilt_from_returned_tensors(zoo_path):
         b = model.run_layer(again, i, hidden, ctx)
         assert torch.equal(a, b)
         hidden = a
+
+
+def test_padded_batch_matches_transformers(zoo_path, family):
+    """Calibration batches are padded: with the same attention mask, real positions get the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    ids = reference_ids(zoo_path, 96).repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[1, 64:] = 0                      # second sequence is 64 tokens, right-padded
+    ids[1, 64:] = 0
+    model = AutoModelForCausalLM.from_pretrained(str(zoo_path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    got = LayerwiseModel(Checkpoint.open(zoo_path)).forward(ids, attention_mask=mask)
+    real = mask.bool()
+    assert (got[real] - ref[real]).abs().max().item() < 1e-4
+    # and the padded sequence's real part equals running it alone
+    alone = LayerwiseModel(Checkpoint.open(zoo_path)).forward(ids[1:, :64])
+    assert (got[1, :64] - alone[0]).abs().max().item() < 1e-4

@@ -21,7 +21,7 @@ AUX_FILES = (
     "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
     "chat_template.json",
 )
-DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3   # computed tensors wait here until a shard is full
 
 
 class CheckpointWriter:

@@ -195,9 +195,10 @@ class Adapter:
 
     def convert_layout(self, tensors: dict[str, torch.Tensor], layout: ExpertLayout) -> dict[str, torch.Tensor]:
         """Re-express a layer's tensors in the other expert layout (values unchanged)."""
-        if self.expert_layout(tensors) == layout:
+        src = self.expert_layout(tensors)
+        if src == layout:
             return dict(tensors)
-        return self.replace_experts(tensors, self.experts(tensors), tensors[self.router_key(self.expert_layout(tensors))], layout)
+        return self.replace_experts(tensors, self.experts(tensors), tensors[self.router_key(src)], layout)
 
     def _rename_moe(self, key: str, layout: ExpertLayout) -> str:
         src, dst = (self.moe, self.legacy_moe) if layout == "per_expert" else (self.legacy_moe, self.moe)
