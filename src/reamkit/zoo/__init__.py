@@ -67,16 +67,23 @@ def _key(spec: dict, seed: int) -> str:
     from ..manifest import package_versions
 
     v = package_versions()
-    blob = json.dumps({"spec": spec, "seed": seed, "builder": BUILDER_VERSION,
+    blob = json.dumps({"spec": spec, "seed": seed, "builder": BUILDER_VERSION, "tokenizer": _tokenizer_key(),
                        "torch": v.get("torch"), "transformers": v.get("transformers")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _tokenizer_key() -> str:
+    """The tokenizer is trained on this Python's standard library, so its version is part of the key."""
+    import platform
+
+    return f"v{BUILDER_VERSION}-py{platform.python_version()}"
 
 
 def tokenizer_dir() -> Path:
     """The zoo tokenizer, trained once and cached."""
     from .tokenizer import train_tokenizer
 
-    out = cache_root() / "zoo" / f"tokenizer-v{BUILDER_VERSION}"
+    out = cache_root() / "zoo" / f"tokenizer-{_tokenizer_key()}"
     if not (out / "tokenizer.json").is_file():
         if out.exists():
             shutil.rmtree(out)
