@@ -433,9 +433,9 @@ def train(data_dir: Path, out: Path, *, preset_name: str, steps: int | str, seed
     tok = AutoTokenizer.from_pretrained(str(data_dir))
     cfg = model_config(preset, len(tok))
     if steps == "auto":
-        probe = 12
-        _, _, secs = run_training(cfg, preset, data, probe, seed, device, log_every=probe)
-        per_step = secs / probe
+        probe = 15               # time steps 3..14: the first ones include kernel warm-up
+        _, curve, _ = run_training(cfg, preset, data, probe, seed, device, log_every=1)
+        per_step = (curve[-1]["seconds"] - curve[2]["seconds"]) / (probe - 3)
         steps = max(10, int(time_budget / per_step))
         print(f"measured {per_step * 1000:.0f} ms/step -> {steps} steps fit {time_budget:.0f} s", flush=True)
     model, curve, seconds = run_training(cfg, preset, data, int(steps), seed, device)
