@@ -6,17 +6,18 @@ Two steps, so that the GPU run needs nothing from the network:
     python tools/train_demo_model.py prepare -o demo-data          # here, on CPU (about a minute)
     python tools/train_demo_model.py train --data demo-data -o demo-coder --steps auto   # on one GPU
 
-``prepare`` builds the corpus -- real Python source (the standard library of this interpreter) and
-generated worked math solutions -- holds out a test split by document, trains a byte-level BPE with a
-ChatML template on the training split, and writes the token ids as one ``tokens.npz`` (uint16, <= 40 MB)
-beside the tokenizer files.
+``prepare`` (needs reamkit installed) builds the corpus -- real Python source (the standard library of
+this interpreter) and generated worked math solutions -- holds out a test split by document, trains the
+zoo's byte-level BPE recipe with a ChatML template on the training split, and writes the token ids as one
+``tokens.npz`` (uint16, <= 40 MB) beside the tokenizer files.
 
-``train`` builds a ``Qwen3NextForCausalLM`` (hybrid Gated-DeltaNet / gated full attention, MoE in every
-layer with a shared expert), trains it on a 70 % code / 30 % math token mix with the router
-load-balancing loss, and writes a Hugging Face model folder (bf16 shards <= 15 MB), ``training.json``
-(curve, held-out losses, unigram baseline, expert shares, greedy sample) and a model card. It is
-deterministic for a given ``--seed`` and ``--steps``; ``--steps auto`` first times a few steps, then
-restarts from the seed with the step count that fits ``--time-budget`` (recorded in the JSON).
+``train`` (needs only torch, transformers and numpy, so it runs on a bare GPU machine) builds a
+``Qwen3NextForCausalLM`` (hybrid Gated-DeltaNet / gated full attention, MoE in every layer with a shared
+expert), trains it on a 70 % code / 30 % math token mix with the router load-balancing loss, and writes a
+Hugging Face model folder (bf16 shards <= 15 MB), ``training.json`` (curve, held-out losses, unigram
+baseline, expert shares, greedy sample) and a model card. It is deterministic for a given ``--seed`` and
+``--steps``; ``--steps auto`` first times a few steps, then restarts from the seed with the step count
+that fits ``--time-budget`` (recorded in the JSON).
 A CPU smoke run (``--preset smoke --steps 3``) takes seconds.
 """
 
@@ -33,17 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-EOT = 0
-QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-CHATML = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+EOT = 0                    # <|endoftext|>, the document separator
 TEST_EVERY = 20            # every 20th document goes to the held-out split
 CODE_SHARE = 0.7
 
@@ -172,27 +163,6 @@ def split(docs: list[str]) -> tuple[list[str], list[str]]:
     return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token=None, clean_up_tokenization_spaces=False, model_max_length=4096)
-    fast.chat_template = CHATML
-    fast.save_pretrained(str(out_dir))
-    return fast
-
-
 def encode(tok, docs: list[str]) -> np.ndarray:
     ids: list[int] = []
     for enc in tok(docs, add_special_tokens=False)["input_ids"]:
@@ -205,7 +175,9 @@ def prepare(out: Path, *, vocab_size: int, code_bytes: int | None, math_docs: in
     out.mkdir(parents=True, exist_ok=True)
     code_train, code_test = split(code_documents(code_bytes))
     math_train, math_test = split(math_documents(math_docs, seed))
-    tok = train_tokenizer(code_train + math_train, vocab_size, out)
+    from reamkit.zoo.tokenizer import train_tokenizer   # the zoo's BPE recipe (Qwen2 split, ChatML)
+
+    tok = train_tokenizer(out, code_train + math_train, vocab_size)
     arrays = {"code_train": encode(tok, code_train), "code_test": encode(tok, code_test),
               "math_train": encode(tok, math_train), "math_test": encode(tok, math_test)}
     np.savez(out / "tokens.npz", **arrays)

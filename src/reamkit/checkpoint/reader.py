@@ -74,7 +74,7 @@ class Checkpoint:
         """
         path = Path(source)
         if not path.exists():
-            if _REPO_ID_RE.match(str(source)) and not str(source).startswith((".", "/")):
+            if _REPO_ID_RE.match(str(source)):
                 path = _download(str(source))
             else:
                 raise CheckpointError(f"model folder {source} does not exist")

@@ -62,8 +62,9 @@ def math_corpus(n: int = 3000, seed: int = 0) -> list[str]:
     return out
 
 
-def train_tokenizer(out_dir: Path) -> None:
-    """Train the BPE and save it as a transformers fast tokenizer with a ChatML template."""
+def train_tokenizer(out_dir: Path, texts: list[str] | None = None, vocab_size: int = VOCAB_SIZE):
+    """Train the BPE (by default on the zoo corpus) and save it as a transformers fast tokenizer with a
+    ChatML template; returns the tokenizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -75,13 +76,14 @@ def train_tokenizer(out_dir: Path) -> None:
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2,
     )
-    tok.train_from_iterator(code_corpus() + math_corpus(), trainer=trainer)
+    tok.train_from_iterator(texts if texts is not None else code_corpus() + math_corpus(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
         clean_up_tokenization_spaces=False, model_max_length=4096,
     )
     fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(str(out_dir))
+    return fast
