@@ -55,3 +55,17 @@ def test_demo_converts_the_demo_model(tmp_path):
     mtime = gguf.stat().st_mtime_ns
     again = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo")])     # rerun: nothing redone
     assert again.exit_code == 0 and gguf.stat().st_mtime_ns == mtime
+
+
+def test_toolchain_run_reports_a_failing_tool_in_one_line(tmp_path):
+    import pytest
+
+    from reamkit.errors import ToolchainError
+    from reamkit.toolchain import find_toolchain
+
+    tc = find_toolchain()
+    with pytest.raises(ToolchainError) as e:
+        tc.run("llama-quantize", [tmp_path / "missing.gguf", tmp_path / "out.gguf", "Q4_K_M"])
+    msg = str(e.value)
+    assert msg.startswith("llama-quantize failed (exit") and "\n" not in msg
+    assert not (tmp_path / "out.gguf").exists()
