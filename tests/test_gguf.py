@@ -69,3 +69,26 @@ def test_conversion_records_manifest_and_skips_rerun(zoo_path, f32_gguf):
     mtime = f32_gguf.stat().st_mtime_ns
     path, converted = convert_to_gguf(zoo_path, f32_gguf, dtype="f32")
     assert not converted and path.stat().st_mtime_ns == mtime
+
+
+def test_fused_expert_checkpoints_convert_or_fail_clearly(zoo_path, family, tmp_path):
+    from reamkit.checkpoint import Checkpoint, write_checkpoint
+    from reamkit.errors import ReamkitError
+
+    src = Checkpoint.open(zoo_path)
+    ad = src.adapter
+    fused = write_checkpoint(src, tmp_path / "fused",
+                             layers=((i, ad.convert_layout(src.load_layer(i), "fused")) for i in range(src.num_layers)))
+    out = tmp_path / "fused.gguf"
+    if not ad.gguf_reads_fused:
+        with pytest.raises(ReamkitError, match="stores them fused"):
+            convert_to_gguf(fused, out, dtype="f32")
+        assert not out.exists()
+        return
+    convert_to_gguf(fused, out, dtype="f32")
+    ids = reference_ids(zoo_path, 128)
+    ref = hf_logits(zoo_path, ids).double()
+    got = torch.from_numpy(llama_logits(out, ids[0].tolist()))
+    logp, logq = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
+    assert (logp.exp() * (logp - logq)).sum(-1).mean().item() < 1e-6
+    assert (ref.argmax(-1) == got.argmax(-1)).all()

@@ -31,7 +31,14 @@ _ENTRY = Path(__file__).with_name("converter_entry.py")
 
 
 def converter_args(ckpt: Checkpoint) -> list[str]:
-    """Extra converter flags this checkpoint needs."""
+    """Extra converter flags this checkpoint needs (or a clear error for what it cannot convert)."""
+    ad = ckpt.adapter
+    moe = ad.moe_layers(ckpt.config)
+    if not ad.gguf_reads_fused and moe and ad.expert_layout(ckpt.layer_infos(moe[0])) == "fused":
+        raise ReamkitError(
+            f"llama.cpp's converter reads {ckpt.model_type} experts only per expert "
+            f"({ad.legacy_moe}.experts.N.{ad.proj[0]}.weight ...), and {ckpt.path} stores them fused",
+            fix="write the checkpoint with the per-expert layout (CheckpointWriter + Adapter.convert_layout)")
     if ckpt.model_type == "qwen3_next" and not any(n.startswith("mtp.") for n in ckpt.other_names):
         return ["--no-mtp"]
     return []

@@ -84,6 +84,7 @@ class Adapter:
     shared_expert: ClassVar[str | None] = None        # e.g. "shared_expert" (never compressed)
     shared_expert_gate: ClassVar[str | None] = None   # e.g. "shared_expert_gate"
     extra_prefixes: ClassVar[tuple[str, ...]] = ()    # non-layer tensors we carry along (e.g. "mtp.")
+    gguf_reads_fused: ClassVar[bool] = True           # does llama.cpp's converter accept fused experts?
 
     # ------------------------------------------------------------------ config
     def num_experts_key(self, config: dict) -> str:

@@ -20,3 +20,4 @@ class MixtralAdapter(Adapter):
     norm_topk_key = None
     legacy_moe = "block_sparse_moe"
     proj = ("w1", "w3", "w2")
+    gguf_reads_fused = False     # the pinned converter maps only block_sparse_moe.experts.N.w1/w2/w3
