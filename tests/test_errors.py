@@ -145,3 +145,12 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
     res = run_cli("convert", "no-such-org/no-such-model", "-o", tmp_path / "x.gguf")
     assert_one_line_error(res, "no-such-org/no-such-model", "Hugging Face Hub")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_config_layer_count_disagrees_with_weights(qwen3_moe_copy, tmp_path):
+    cfg_path = qwen3_moe_copy / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["num_hidden_layers"] = 6
+    cfg_path.write_text(json.dumps(cfg))
+    res = run_cli("convert", qwen3_moe_copy, "-o", tmp_path / "out.gguf")
+    assert_one_line_error(res, "num_hidden_layers=6", "layers 0..3 (4 in all)")

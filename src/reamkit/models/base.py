@@ -224,15 +224,15 @@ class Adapter:
         cfg = ckpt.config
         n_layers = int(cfg["num_hidden_layers"])
         found = sorted(ckpt.layer_names)
+        if not found:
+            raise CheckpointError(f"{ckpt.path} holds no decoder layers (model.layers.N.*)")
         if found != list(range(n_layers)):
-            raise CheckpointError(
-                f"config.json says num_hidden_layers={n_layers} but the weights hold layers "
-                f"{found[:3]}...{found[-3:]} ({len(found)} in all)" if found else "the weights hold no decoder layers")
+            raise CheckpointError(f"config.json says num_hidden_layers={n_layers} but the weights hold layers "
+                                  f"{found[0]}..{found[-1]} ({len(found)} in all)")
         n = self.num_experts(cfg)
         for i in self.moe_layers(cfg):
             infos = ckpt.layer_infos(i)
-            layout = self.expert_layout(infos)
-            rkey = self.router_key(layout)
+            rkey = self.router_key(self.expert_layout(infos))
             if rkey not in infos:
                 raise CheckpointError(f"layer {i} has no router tensor {rkey}")
             router_n = infos[rkey].shape[0]
@@ -248,7 +248,8 @@ class Adapter:
         return getattr(module, self.hf_prefix + suffix)
 
     def hf_config(self, config: dict):
-        """A transformers config object for ``config`` (sdpa attention, eager per-expert loop)."""
+        """A transformers config object for ``config``, with the attention and experts kernels a whole
+        model would get (sdpa; grouped_mm where available)."""
         cls = self.hf_class("Config")
         cfg = cls(**{k: v for k, v in config.items() if k not in ("architectures", "transformers_version")})
         cfg._attn_implementation = "sdpa"
