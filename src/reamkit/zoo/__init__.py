@@ -21,7 +21,7 @@ from ..errors import ReamkitError
 from ..fsutil import atomic_dir
 from ..manifest import Manifest, existing_output_is_current, manifest_path_for, write_manifest
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 _COMMON = {
     "vocab_size": 4096, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
     "num_key_value_heads": 2, "head_dim": 64, "initializer_range": 0.05, "rms_norm_eps": 1e-6,
