@@ -8,7 +8,6 @@ is gone.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -111,11 +110,3 @@ def _fsync_tree(root: Path) -> None:
                 continue
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-
-
-def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -8,7 +8,7 @@ loop, observing or modifying each layer before moving on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,10 +82,6 @@ class LayerwiseModel:
         return nn.functional.linear(self.norm(hidden), self.head_weight)
 
     # ------------------------------------------------------------------ whole passes
-    def layers(self) -> Iterator[tuple[int, nn.Module]]:
-        for i in range(self.ckpt.num_layers):
-            yield i, self.layer(i)
-
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 on_layer: Callable[[int, nn.Module, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:

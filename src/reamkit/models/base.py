@@ -83,7 +83,6 @@ class Adapter:
     proj: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")  # per-expert names
     shared_expert: ClassVar[str | None] = None        # e.g. "shared_expert" (never compressed)
     shared_expert_gate: ClassVar[str | None] = None   # e.g. "shared_expert_gate"
-    extra_prefixes: ClassVar[tuple[str, ...]] = ()    # non-layer tensors we carry along (e.g. "mtp.")
     gguf_reads_fused: ClassVar[bool] = True           # does llama.cpp's converter accept fused experts?
 
     # ------------------------------------------------------------------ config

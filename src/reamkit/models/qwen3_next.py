@@ -25,7 +25,6 @@ class Qwen3NextAdapter(Adapter):
     hf_prefix = "Qwen3Next"
     shared_expert = "shared_expert"
     shared_expert_gate = "shared_expert_gate"
-    extra_prefixes = ("mtp.",)
 
     def layer_type(self, config: dict, index: int) -> str:
         types = config.get("layer_types")
