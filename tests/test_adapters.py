@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reamkit.checkpoint import Checkpoint
 from reamkit.errors import CheckpointError, UnsupportedArchitectureError
-from reamkit.models import ADAPTERS, Experts, get_adapter
+from reamkit.models import ADAPTERS, Experts, get_adapter, open_model
 
 EXPECTED = {   # family -> (experts, top_k, renormalise, shared expert)
     "qwen3_next": (16, 4, True, True),
@@ -17,8 +16,8 @@ EXPECTED = {   # family -> (experts, top_k, renormalise, shared expert)
 
 
 def test_routing_matches_the_transformers_router(zoo_path, family):
-    ckpt = Checkpoint.open(zoo_path)
-    ad = ckpt.adapter
+    model = open_model(zoo_path)
+    ckpt, ad = model.checkpoint, model.adapter
     n, k, renorm, _ = EXPECTED[family]
     routing = ad.routing(ckpt.config)
     assert (routing.num_experts, routing.top_k, routing.renormalize) == (n, k, renorm)
@@ -35,8 +34,8 @@ def test_routing_matches_the_transformers_router(zoo_path, family):
 
 
 def test_expert_access_and_replacement(zoo_path, family):
-    ckpt = Checkpoint.open(zoo_path)
-    ad = ckpt.adapter
+    model = open_model(zoo_path)
+    ckpt, ad = model.checkpoint, model.adapter
     tensors = ckpt.load_layer(1)
     ex = ad.experts(tensors)
     n, _, _, shared = EXPECTED[family]

@@ -12,6 +12,7 @@ import torch
 from reamkit.checkpoint import Checkpoint, CheckpointWriter, write_checkpoint
 from reamkit.checkpoint.reader import INDEX
 from reamkit.checkpoint.writer import AUX_FILES
+from reamkit.models import get_adapter
 
 from .conftest import hf_logits, reference_ids
 
@@ -46,7 +47,7 @@ def test_roundtrip_is_bit_exact_and_loads_in_transformers(zoo_path, tmp_path, fa
 def test_fused_expert_layout_roundtrip(zoo_path, tmp_path):
     """Per-expert -> fused/stacked on disk -> per-expert again is lossless, and transformers reads both."""
     src = Checkpoint.open(zoo_path)
-    ad = src.adapter
+    ad = get_adapter(src.config)
     fused_dir = write_checkpoint(src, tmp_path / "fused",
                                  layers=((i, ad.convert_layout(src.load_layer(i), "fused")) for i in range(src.num_layers)))
     fused = Checkpoint.open(fused_dir)

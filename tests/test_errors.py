@@ -113,7 +113,59 @@ def test_output_gguf_holding_a_different_model(tmp_path):
 def test_not_a_model_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run_cli("convert", tmp_path / "empty", "-o", tmp_path / "x.gguf"), "no config.json")
-    assert_one_line_error(run_cli("convert", tmp_path / "nope", "-o", tmp_path / "x.gguf"), "does not exist")
+    assert_one_line_error(run_cli("convert", tmp_path / "nope", "-o", tmp_path / "x.gguf"), "no such folder")
+
+
+def test_missing_relative_path_is_no_such_folder_not_a_hub_id(tmp_path, monkeypatch):
+    """``runs/does-not-exist`` looks like a Hub repo id, but without ``hf:`` it is a path: never sent to the Hub."""
+    import huggingface_hub
+
+    def no_network(*a, **k):
+        raise AssertionError("the Hub was contacted")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    monkeypatch.chdir(tmp_path)
+    res = run_cli("convert", "runs/does-not-exist", "-o", "x.gguf")
+    line = assert_one_line_error(res, "no such folder: runs/does-not-exist", "hf:runs/does-not-exist")
+    assert "Hub repo" in line
+    assert_nothing_written(tmp_path, set())
+
+
+def test_hub_download_announces_size_and_destination_first(tmp_path, monkeypatch):
+    """A Hub model says how big it is and where it goes before any byte is fetched (mocked Hub, no network)."""
+    import huggingface_hub
+    from huggingface_hub.file_download import DryRunFileInfo
+
+    from reamkit.zoo import build_cached
+
+    snapshot = tmp_path / "hf" / "models--Qwen--Tiny" / "snapshots" / "abc123"
+    src = build_cached("qwen3_moe")
+    events: list[str] = []
+
+    def fake_snapshot_download(repo_id, *, allow_patterns=None, dry_run=False, **kw):
+        assert repo_id == "Qwen/Tiny"
+        files = sorted(p.name for p in src.iterdir() if p.suffix in (".json", ".safetensors", ".jinja", ".txt"))
+        if dry_run:
+            events.append("dry_run")
+            return [DryRunFileInfo(commit_hash="abc123", file_size=(src / f).stat().st_size, filename=f,
+                                   local_path=str(snapshot / f), is_cached=False, will_download=True)
+                    for f in files]
+        events.append("download")
+        snapshot.mkdir(parents=True)
+        for f in files:
+            (snapshot / f).write_bytes((src / f).read_bytes())
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    from reamkit.models import open_model
+
+    announced: list[str] = []
+    model = open_model("hf:Qwen/Tiny", announce=lambda line: announced.append(line) or events.append("announce"))
+    assert model.path == snapshot and model.adapter.model_type == "qwen3_moe"
+    assert events == ["dry_run", "announce", "download"]
+    total = sum(p.stat().st_size for p in src.iterdir() if p.suffix in (".json", ".safetensors", ".jinja", ".txt"))
+    assert announced == [f"downloading Qwen/Tiny: {total / 1e6:.1f} MB in {len(list(snapshot.iterdir()))} file(s) "
+                         f"into {snapshot}"]
 
 
 def test_killed_writer_leaves_no_output_and_next_run_cleans_up(tmp_path):
@@ -142,7 +194,7 @@ def test_killed_writer_leaves_no_output_and_next_run_cleans_up(tmp_path):
 def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    res = run_cli("convert", "no-such-org/no-such-model", "-o", tmp_path / "x.gguf")
+    res = run_cli("convert", "hf:no-such-org/no-such-model", "-o", tmp_path / "x.gguf")
     assert_one_line_error(res, "no-such-org/no-such-model", "Hugging Face Hub")
     assert not (tmp_path / "x.gguf").exists()
 

@@ -72,11 +72,12 @@ def test_conversion_records_manifest_and_skips_rerun(zoo_path, f32_gguf):
 
 
 def test_fused_expert_checkpoints_convert_or_fail_clearly(zoo_path, family, tmp_path):
-    from reamkit.checkpoint import Checkpoint, write_checkpoint
+    from reamkit.checkpoint import write_checkpoint
     from reamkit.errors import ReamkitError
+    from reamkit.models import open_model
 
-    src = Checkpoint.open(zoo_path)
-    ad = src.adapter
+    model = open_model(zoo_path)
+    src, ad = model.checkpoint, model.adapter
     fused = write_checkpoint(src, tmp_path / "fused",
                              layers=((i, ad.convert_layout(src.load_layer(i), "fused")) for i in range(src.num_layers)))
     out = tmp_path / "fused.gguf"

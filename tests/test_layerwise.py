@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
 
-from reamkit.calibration import LayerwiseModel
-from reamkit.checkpoint import Checkpoint
+from reamkit.models import Experts, open_model
+from reamkit.runtime import LayerwiseModel
 
 from .conftest import hf_logits, reference_ids
 
@@ -16,7 +17,8 @@ def test_layer_by_layer_matches_transformers(zoo_path, family, figure):
     ids = reference_ids(zoo_path, 160)
     ref = hf_logits(zoo_path, ids)
 
-    ckpt = Checkpoint.open(zoo_path)
+    opened = open_model(zoo_path)
+    ckpt = opened.checkpoint
     loaded: list[int] = []
     real_load = ckpt.load_layer
     ckpt.load_layer = lambda i: (loaded.append(i), real_load(i))[1]
@@ -26,9 +28,9 @@ def test_layer_by_layer_matches_transformers(zoo_path, family, figure):
         # each layer module holds only its own parameters
         n_params = sum(p.numel() for p in layer.parameters())
         assert n_params == sum(math.prod(t.shape) for t in ckpt.layer_infos(index).values())
-        seen_types.add(ckpt.adapter.layer_type(ckpt.config, index))
+        seen_types.add(opened.adapter.layer_type(ckpt.config, index))
 
-    model = LayerwiseModel(ckpt)
+    model = LayerwiseModel(opened)
     logits = model.forward(ids, on_layer=observe)[0]
 
     diff = (logits - ref).abs().max().item()
@@ -39,23 +41,63 @@ def test_layer_by_layer_matches_transformers(zoo_path, family, figure):
         assert seen_types == {"linear_attention", "full_attention"}
 
 
-def test_layer_rebuilt_from_returned_tensors(zoo_path):
-    """A layer built from tensors handed back by the adapter (the compression hand-off) computes the same."""
-    ckpt = Checkpoint.open(zoo_path)
-    model = LayerwiseModel(ckpt)
-    ids = reference_ids(zoo_path, 64)
-    hidden = model.embed(ids)
+def masked_router(layer, adapter, keep: list[int]):
+    """Make ``layer``'s router give -inf logits to every expert not in ``keep`` (the reference for pruning:
+    softmax over the kept experts only, then the layer's own top-k, renormalisation and expert kernels)."""
+    hf = importlib.import_module(adapter.hf_module)
+    gate = layer.mlp.gate
+    real_forward, real_linear = gate.forward, hf.F.linear
+    dropped = torch.ones(gate.weight.shape[0], dtype=torch.bool)
+    dropped[keep] = False
+
+    def linear(x, w, *args):
+        out = real_linear(x, w, *args)
+        return out.masked_fill(dropped, float("-inf")) if w is gate.weight else out
+
+    def forward(hidden):
+        hf.F.linear = linear
+        try:
+            return real_forward(hidden)
+        finally:
+            hf.F.linear = real_linear
+
+    gate.forward = forward
+    return layer
+
+
+def test_pruned_layer_handed_back_runs_at_its_own_size(zoo_path, family, figure):
+    """The compression hand-off: a layer's tensors come back with half the experts (and the router rows to
+    match); the runtime builds and runs it, and it computes what the full layer computes when the removed
+    experts' router logits are -inf."""
+    opened = open_model(zoo_path)
+    ckpt, ad = opened.checkpoint, opened.adapter
+    model = LayerwiseModel(opened)
+    n = ad.num_experts(ckpt.config)
+    keep = list(range(1, n, 2))                      # odd experts: the kept ones are renumbered 0..n/2-1
+    hidden = model.embed(reference_ids(zoo_path, 64))
     ctx = model.context(hidden)
+    diffs = []
     for i in range(ckpt.num_layers):
-        layer = model.layer(i)
-        layout = ckpt.adapter.expert_layout(ckpt.layer_infos(i))
-        tensors = ckpt.adapter.layer_tensors(layer, layout)
+        layout = ad.expert_layout(ckpt.layer_infos(i))
+        full = model.layer(i)
+        tensors = ad.layer_tensors(full, layout)
         assert set(tensors) == set(ckpt.layer_infos(i))
-        again = model.layer(i, tensors)
-        a = model.run_layer(layer, i, hidden, ctx)
-        b = model.run_layer(again, i, hidden, ctx)
-        assert torch.equal(a, b)
-        hidden = a
+        full_out = model.run_layer(full, i, hidden, ctx)
+        assert torch.equal(model.run_layer(model.layer(i, tensors), i, hidden, ctx), full_out)
+
+        ex = ad.experts(tensors)
+        pruned_tensors = ad.replace_experts(tensors, Experts(ex.gate[keep], ex.up[keep], ex.down[keep]),
+                                            tensors[ad.router_key(layout)][keep])
+        pruned = model.layer(i, pruned_tensors)
+        assert ad.stored_experts(ad.layer_tensors(pruned, layout)) == len(keep)
+        got = model.run_layer(pruned, i, hidden, ctx)
+        ref = model.run_layer(masked_router(model.layer(i), ad, keep), i, hidden, ctx)
+        diffs.append((got - ref).abs().max().item())
+        assert diffs[-1] < 1e-5
+        assert (got - full_out).abs().max().item() > 1e-2       # pruning changed the layer's output
+        hidden = got
+    figure(f"{family}: pruned {n}->{len(keep)} layer vs full layer with masked router: max abs diff "
+           f"{max(diffs):.2g}")
 
 
 def test_padded_batch_matches_transformers(zoo_path, family):
@@ -69,9 +111,9 @@ def test_padded_batch_matches_transformers(zoo_path, family):
     model = AutoModelForCausalLM.from_pretrained(str(zoo_path), dtype=torch.float32).eval()
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits
-    got = LayerwiseModel(Checkpoint.open(zoo_path)).forward(ids, attention_mask=mask)
+    got = LayerwiseModel(open_model(zoo_path)).forward(ids, attention_mask=mask)
     real = mask.bool()
     assert (got[real] - ref[real]).abs().max().item() < 1e-4
     # and the padded sequence's real part equals running it alone
-    alone = LayerwiseModel(Checkpoint.open(zoo_path)).forward(ids[1:, :64])
+    alone = LayerwiseModel(open_model(zoo_path)).forward(ids[1:, :64])
     assert (got[1, :64] - alone[0]).abs().max().item() < 1e-4

@@ -10,6 +10,7 @@ import torch
 from reamkit.checkpoint import Checkpoint, write_checkpoint
 from reamkit.errors import CheckpointError
 from reamkit.gguf import convert_to_gguf
+from reamkit.models import open_model
 from reamkit.zoo import build_cached
 
 from .test_gguf import llama_logits
@@ -22,8 +23,8 @@ def mtp_model():
 
 
 def test_mtp_block_is_a_moe_group(mtp_model):
-    ckpt = Checkpoint.open(mtp_model)
-    ad = ckpt.adapter
+    model = open_model(mtp_model)
+    ckpt, ad = model.checkpoint, model.adapter
     assert ad.mtp_layers(ckpt) == ["mtp.layers.0."]
     groups = ad.moe_groups(ckpt)
     assert groups == [f"model.layers.{i}." for i in range(4)] + ["mtp.layers.0."]
@@ -51,7 +52,7 @@ def test_mtp_expert_count_is_checked(mtp_model, tmp_path):
     with CheckpointWriter(tmp_path / "bad", config=src.config, aux_from=src.path) as w:
         w.add(src.load(keep))
     with pytest.raises(CheckpointError, match="MTP layer mtp.layers.0. holds 15 experts"):
-        Checkpoint.open(tmp_path / "bad")
+        open_model(tmp_path / "bad")
 
 
 def test_mtp_is_converted_as_nextn_layer(mtp_model, tmp_path):

@@ -24,11 +24,13 @@ def test_sizes_are_kquant_friendly(zoo_path):
 def test_routers_have_no_near_ties(zoo_path, family, figure):
     """On real text the router-logit gap between the k-th and (k+1)-th expert stays far above float noise,
     so two correct implementations never pick different experts."""
-    from reamkit.calibration import LayerwiseModel
+    from reamkit.models import open_model
+    from reamkit.runtime import LayerwiseModel
 
-    ckpt = Checkpoint.open(zoo_path)
-    model = LayerwiseModel(ckpt)
-    k = ckpt.adapter.routing(ckpt.config).top_k
+    opened = open_model(zoo_path)
+    ckpt = opened.checkpoint
+    model = LayerwiseModel(opened)
+    k = opened.adapter.routing(ckpt.config).top_k
     gaps: list[float] = []
 
     def record_margin(module, args, out):

@@ -89,7 +89,7 @@ def zoo(
 @app.command()
 @user_errors
 def convert(
-    model: Annotated[str, typer.Argument(help="Hugging Face model folder or Hub repo id")],
+    model: Annotated[str, typer.Argument(help="Hugging Face model folder, or hf:ORG/NAME for a Hub repo")],
     output: Annotated[Path, typer.Option("-o", "--output", help="GGUF file to write")],
     dtype: Annotated[GGUFType, typer.Option("--dtype", help="tensor type of the GGUF")] = GGUFType.f16,
     fallback_pre: Annotated[str, typer.Option(help="pre-tokenizer for tokenizers the converter does not know")] = "qwen2",

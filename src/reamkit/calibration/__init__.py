@@ -1,5 +1,1 @@
-"""Calibration: stream activations through a model one loaded decoder layer at a time."""
-
-from .stream import LayerContext, LayerwiseModel
-
-__all__ = ["LayerContext", "LayerwiseModel"]
+"""Calibration data: offline, deterministic code and math corpora (see :mod:`reamkit.calibration.corpus`)."""

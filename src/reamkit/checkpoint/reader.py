@@ -6,11 +6,11 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -18,14 +18,13 @@ from safetensors import safe_open
 from ..errors import CheckpointError
 from .safetensors_header import HeaderEntry, read_header
 
-if TYPE_CHECKING:
-    from ..models.base import Adapter
-
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+HUB_PREFIX = "hf:"     # ``hf:org/name`` names a Hugging Face Hub repo; anything else is a local path
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_FINITE_CHUNK = 1 << 26   # elements checked at once, so the check's temporary stays small
 
 
 @dataclass(frozen=True)
@@ -66,32 +65,28 @@ class Checkpoint:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, source: str | os.PathLike, *, check: bool = True) -> "Checkpoint":
-        """Open a local model folder, or download a Hub repo id (only when online) and open that.
+    def open(cls, source: str | os.PathLike, *,
+             announce: Callable[[str], None] | None = None) -> "Checkpoint":
+        """Open a local model folder, or ``hf:org/name`` from the Hugging Face Hub (downloaded into the HF
+        cache after ``announce`` is told its total size and destination; default: a line on stderr).
 
-        With ``check`` the architecture must have an adapter and the weights must agree with the config
-        (layer count, expert counts); any problem raises a one-line :class:`CheckpointError`.
+        Only names and shapes are read here (the headers); the layout is checked for damaged, missing or
+        mismatched shards. Model semantics (does this fit the architecture?) are ``reamkit.models``' job.
         """
-        path = Path(source)
-        if not path.exists():
-            if _REPO_ID_RE.match(str(source)):
-                path = _download(str(source))
-            else:
-                raise CheckpointError(f"model folder {source} does not exist")
+        text = os.fspath(source)
+        if isinstance(source, str) and text.startswith(HUB_PREFIX):
+            path = _download(text[len(HUB_PREFIX):], announce or _to_stderr)
+        else:
+            path = Path(source)
+            if not path.exists():
+                hint = (f" (for the Hugging Face Hub repo write {HUB_PREFIX}{text})"
+                        if _REPO_ID_RE.match(text) else "")
+                raise CheckpointError(f"no such folder: {text}{hint}")
         if not path.is_dir():
             raise CheckpointError(f"{source} is not a model folder (expected a folder with config.json)")
         config = _read_config(path)
         tensors = _scan_weights(path)
-        ckpt = cls(path, config, tensors)
-        if check:
-            ckpt.adapter.check(ckpt)
-        return ckpt
-
-    @cached_property
-    def adapter(self) -> "Adapter":
-        from ..models import get_adapter
-
-        return get_adapter(self.config)
+        return cls(path, config, tensors)
 
     # ------------------------------------------------------------------ layout
     @property
@@ -139,13 +134,16 @@ class Checkpoint:
 
     # ------------------------------------------------------------------ loading
     def load(self, names: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """Memory-map the named tensors (full names). Pages are read only when touched."""
+        """The named tensors (full names), each checked to hold only finite values as it is read, so a NaN
+        or Inf in the weights stops every stage with the tensor's name instead of spreading silently."""
         out: dict[str, torch.Tensor] = {}
         for name in names:
             info = self.tensors.get(name)
             if info is None:
                 raise CheckpointError(f"tensor {name!r} is not in {self.path}")
-            out[name] = self._handle(info.shard).get_tensor(name)
+            t = self._handle(info.shard).get_tensor(name)
+            _check_finite(name, t, self.path / info.shard)
+            out[name] = t
         return out
 
     def load_layer(self, index: int) -> dict[str, torch.Tensor]:
@@ -165,6 +163,12 @@ class Checkpoint:
     def load_other(self) -> dict[str, torch.Tensor]:
         """Every tensor outside the decoder layers (embeddings, final norm, head, ``mtp.*``)."""
         return self.load(self.other_names)
+
+    def check_finite(self) -> None:
+        """Read every tensor once, one at a time, refusing the first that holds NaN or Inf (for stages such
+        as GGUF conversion whose reading happens outside reamkit)."""
+        for name in self.tensors:
+            self.load([name])
 
     def _handle(self, shard: str):
         h = self._handles.get(shard)
@@ -243,16 +247,45 @@ def _info(name: str, shard: str, e: HeaderEntry) -> TensorInfo:
     return TensorInfo(name=name, shard=shard, dtype=e.dtype, shape=e.shape, nbytes=e.nbytes)
 
 
-def _download(repo_id: str) -> Path:
-    """Fetch a Hub repo's config, tokenizer and safetensors into the HF cache (only when online)."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        raise CheckpointError("huggingface_hub is not installed") from None
+def _check_finite(name: str, t: torch.Tensor, where: Path) -> None:
+    if not t.is_floating_point():
+        return
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        if not torch.isfinite(flat[start:start + _FINITE_CHUNK]).all():
+            bad = int((~torch.isfinite(flat)).sum())
+            raise CheckpointError(f"tensor {name!r} in {where} holds {bad} NaN/Inf value(s) of {flat.numel()}",
+                                  fix="the checkpoint is damaged or diverged; re-download or re-create it")
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _download(repo_id: str, announce: Callable[[str], None]) -> Path:
+    """Fetch a Hub repo's config, tokenizer and safetensors into the HF cache, saying first how much and where."""
+    from huggingface_hub import snapshot_download
+
+    if not _REPO_ID_RE.match(repo_id):
+        raise CheckpointError(f"{HUB_PREFIX}{repo_id} is not a Hugging Face Hub repo id (expected {HUB_PREFIX}org/name)")
     patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.py"]
     try:
+        plan = snapshot_download(repo_id=repo_id, allow_patterns=patterns, dry_run=True)
+        total = sum(f.file_size or 0 for f in plan if f.will_download)
+        n_new = sum(1 for f in plan if f.will_download)
+        dest = Path(plan[0].local_path[: -len(plan[0].filename)]) if plan else None
+        if n_new:
+            announce(f"downloading {repo_id}: {_human(total)} in {n_new} file(s) into {dest}")
         return Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns))
     except Exception as e:  # network, auth, missing repo: all one line for the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{repo_id} is not a local folder and fetching it from the Hugging Face Hub failed: {first}",
-                              fix="pass a local model folder, or check the repo id and network") from None
+        raise CheckpointError(f"fetching {repo_id} from the Hugging Face Hub failed: {first}",
+                              fix="check the repo id and network, or pass a local model folder") from None
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -1,10 +1,12 @@
 """``reamkit convert``: a Hugging Face checkpoint to one GGUF file, via the pinned llama.cpp converter.
 
-Workarounds applied automatically (toolchain reference §7.3):
+Before converting, every tensor is read once and checked to be finite (a NaN would otherwise convert
+silently into a GGUF that produces garbage). Workarounds applied automatically:
 
-1. ``--no-mtp`` for a ``qwen3_next`` checkpoint without ``mtp.*`` tensors (the converter otherwise asserts);
-   with MTP tensors present they are converted too.
-2. An unknown tokenizer hash falls back to a configured pre-tokenizer (``qwen2``) instead of failing.
+1. the family's adapter adds the flags its checkpoints need (``--no-mtp`` for a ``qwen3_next`` checkpoint
+   without ``mtp.*`` tensors, which the converter otherwise asserts on; with MTP tensors present they are
+   converted too), or refuses a layout the converter cannot read;
+2. an unknown tokenizer hash falls back to a configured pre-tokenizer (``qwen2``) instead of failing;
 3. ``sentencepiece`` is a reamkit dependency, which the converter needs for Llama-family vocabularies.
 
 The GGUF is written to a temporary file and renamed into place with a manifest beside it, so an interrupted
@@ -20,46 +22,34 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..checkpoint import Checkpoint
 from ..errors import ReamkitError, ToolchainError
 from ..fsutil import atomic_file
 from ..manifest import Manifest, existing_output_is_current, manifest_path_for, stage_key, write_manifest
+from ..models import open_model
 from ..toolchain import find_toolchain, last_error_line
 
 GGUF_DTYPES = ("f32", "f16", "bf16")
 _ENTRY = Path(__file__).with_name("converter_entry.py")
 
 
-def converter_args(ckpt: Checkpoint) -> list[str]:
-    """Extra converter flags this checkpoint needs (or a clear error for what it cannot convert)."""
-    ad = ckpt.adapter
-    moe = ad.moe_layers(ckpt.config)
-    if not ad.gguf_reads_fused and moe and ad.expert_layout(ckpt.layer_infos(moe[0])) == "fused":
-        raise ReamkitError(
-            f"llama.cpp's converter reads {ckpt.model_type} experts only per expert "
-            f"({ad.legacy_moe}.experts.N.{ad.proj[0]}.weight ...), and {ckpt.path} stores them fused",
-            fix="write the checkpoint with the per-expert layout (CheckpointWriter + Adapter.convert_layout)")
-    if ckpt.model_type == "qwen3_next" and not any(n.startswith("mtp.") for n in ckpt.other_names):
-        return ["--no-mtp"]
-    return []
-
-
 def convert_to_gguf(model: str | Path, out: Path, *, dtype: str = "f16", fallback_pre: str = "qwen2",
                     on_line: Callable[[str], None] | None = None) -> tuple[Path, bool]:
-    """Convert ``model`` (folder or Hub id) to ``out``. Returns ``(out, converted)``; ``converted`` is False
-    when ``out`` already held this very conversion."""
+    """Convert ``model`` (folder, or ``hf:org/name``) to ``out``. Returns ``(out, converted)``;
+    ``converted`` is False when ``out`` already held this very conversion."""
     if dtype not in GGUF_DTYPES:
         raise ReamkitError(f"unsupported GGUF dtype {dtype!r}; choose one of {', '.join(GGUF_DTYPES)}")
     out = Path(out)
-    ckpt = Checkpoint.open(model)
+    opened = open_model(model)
+    ckpt = opened.checkpoint
     tc = find_toolchain()
-    extra = converter_args(ckpt)
+    extra = opened.adapter.gguf_converter_args(ckpt)
     inputs = {"model_fingerprint": ckpt.fingerprint()}
     params = {"dtype": dtype, "llama_cpp_commit": tc.commit, "converter_args": extra, "fallback_pre": fallback_pre}
     key = stage_key("convert", inputs, params)
     if existing_output_is_current(out, key, "GGUF", folder=False):
         return out, False
 
+    ckpt.check_finite()
     with atomic_file(out) as tmp:
         cmd = [sys.executable, str(_ENTRY), str(ckpt.path), "--outtype", dtype, "--outfile", str(tmp), *extra]
         env = {**os.environ, "REAMKIT_LLAMA_CPP_SRC": str(tc.src_dir), "REAMKIT_FALLBACK_PRE": fallback_pre,

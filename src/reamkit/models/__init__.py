@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import UnsupportedArchitectureError
 from .base import Adapter, Experts, Routing
 from .mixtral import MixtralAdapter
+from .model import Model, open_model
 from .qwen3_moe import Qwen3MoeAdapter
 from .qwen3_next import Qwen3NextAdapter
 
@@ -21,4 +22,4 @@ def get_adapter(config_or_type: dict | str) -> Adapter:
     return cls()
 
 
-__all__ = ["ADAPTERS", "Adapter", "Experts", "Routing", "get_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "Experts", "Model", "Routing", "get_adapter", "open_model"]

@@ -36,7 +36,6 @@ class Routing:
     num_experts: int
     top_k: int
     renormalize: bool
-    scoring: str = "softmax"
 
     def weights(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(top_k_weights, top_k_indices)`` for logits [..., N], computed in float32."""
@@ -79,7 +78,7 @@ class Adapter:
     top_k_key: ClassVar[str] = "num_experts_per_tok"
     norm_topk_key: ClassVar[str | None] = "norm_topk_prob"   # None: always renormalised
     moe: ClassVar[str] = "mlp"                # module path of the MoE block in transformers 5
-    legacy_moe: ClassVar[str] = "mlp"         # its name in per-expert checkpoints
+    per_expert_moe: ClassVar[str] = "mlp"     # its name in per-expert checkpoints (every Hub checkpoint)
     proj: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")  # per-expert names
     shared_expert: ClassVar[str | None] = None        # e.g. "shared_expert" (never compressed)
     shared_expert_gate: ClassVar[str | None] = None   # e.g. "shared_expert_gate"
@@ -132,19 +131,19 @@ class Adapter:
         return f"{self._moe_for(layout)}.gate.weight"
 
     def _moe_for(self, layout: ExpertLayout) -> str:
-        return self.legacy_moe if layout == "per_expert" else self.moe
+        return self.per_expert_moe if layout == "per_expert" else self.moe
 
     def expert_layout(self, names) -> ExpertLayout:
         """Which on-disk expert layout a layer's relative tensor names use."""
         names = list(names)
         if any(n.startswith(f"{self.moe}.experts.gate_up_proj") for n in names):
             return "fused"
-        if any(re.match(rf"^{re.escape(self.legacy_moe)}\.experts\.\d+\.", n) for n in names):
+        if any(re.match(rf"^{re.escape(self.per_expert_moe)}\.experts\.\d+\.", n) for n in names):
             return "per_expert"
-        raise CheckpointError(f"no routed expert tensors found under {self.legacy_moe}.experts / {self.moe}.experts")
+        raise CheckpointError(f"no routed expert tensors found under {self.per_expert_moe}.experts / {self.moe}.experts")
 
     def is_expert_key(self, name: str) -> bool:
-        return bool(re.match(rf"^({re.escape(self.legacy_moe)}|{re.escape(self.moe)})\.experts\.", name))
+        return bool(re.match(rf"^({re.escape(self.per_expert_moe)}|{re.escape(self.moe)})\.experts\.", name))
 
     # ------------------------------------------------------------------ expert access
     def experts(self, tensors: dict[str, torch.Tensor]) -> Experts:
@@ -155,7 +154,7 @@ class Adapter:
             d = gate_up.shape[1] // 2
             return Experts(gate_up[:, :d], gate_up[:, d:], tensors[f"{self.moe}.experts.down_proj"])
         g, u, dn = self.proj
-        pre = f"{self.legacy_moe}.experts"
+        pre = f"{self.per_expert_moe}.experts"
         n = self._count_per_expert(tensors)
         return Experts(
             torch.stack([tensors[f"{pre}.{e}.{g}.weight"] for e in range(n)]),
@@ -171,7 +170,7 @@ class Adapter:
                 f"{self.moe}.experts.down_proj": experts.down,
             }
         g, u, dn = self.proj
-        pre = f"{self.legacy_moe}.experts"
+        pre = f"{self.per_expert_moe}.experts"
         out: dict[str, torch.Tensor] = {}
         for e in range(experts.num_experts):
             out[f"{pre}.{e}.{g}.weight"] = experts.gate[e]
@@ -201,11 +200,11 @@ class Adapter:
         return self.replace_experts(tensors, self.experts(tensors), tensors[self.router_key(src)], layout)
 
     def _rename_moe(self, key: str, layout: ExpertLayout) -> str:
-        src, dst = (self.moe, self.legacy_moe) if layout == "per_expert" else (self.legacy_moe, self.moe)
+        src, dst = (self.moe, self.per_expert_moe) if layout == "per_expert" else (self.per_expert_moe, self.moe)
         return dst + key[len(src):] if key.startswith(src + ".") else key
 
     def _count_per_expert(self, tensors) -> int:
-        pat = re.compile(rf"^{re.escape(self.legacy_moe)}\.experts\.(\d+)\.")
+        pat = re.compile(rf"^{re.escape(self.per_expert_moe)}\.experts\.(\d+)\.")
         ids = {int(m.group(1)) for k in tensors if (m := pat.match(k))}
         if ids != set(range(len(ids))):
             raise CheckpointError(f"expert indices are not contiguous: {sorted(ids)[:8]}...")
@@ -240,6 +239,17 @@ class Adapter:
                 raise CheckpointError(
                     f"config.json says {self.num_experts_key(cfg)}={n} but layer {i} holds {stored} experts "
                     f"and a router for {router_n}")
+
+    def gguf_converter_args(self, ckpt: "Checkpoint") -> list[str]:
+        """Extra flags llama.cpp's ``convert_hf_to_gguf.py`` needs for this checkpoint, or a one-line error
+        for a layout the pinned converter cannot read."""
+        moe = self.moe_layers(ckpt.config)
+        if not self.gguf_reads_fused and moe and self.expert_layout(ckpt.layer_infos(moe[0])) == "fused":
+            raise CheckpointError(
+                f"llama.cpp's converter reads {self.model_type} experts only per expert "
+                f"({self.per_expert_moe}.experts.N.{self.proj[0]}.weight ...), and {ckpt.path} stores them fused",
+                fix="write the checkpoint with the per-expert layout (CheckpointWriter + Adapter.convert_layout)")
+        return []
 
     # ------------------------------------------------------------------ modules
     def hf_class(self, suffix: str):

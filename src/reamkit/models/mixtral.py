@@ -18,6 +18,6 @@ class MixtralAdapter(Adapter):
     hf_prefix = "Mixtral"
     num_experts_keys = ("num_local_experts",)
     norm_topk_key = None
-    legacy_moe = "block_sparse_moe"
+    per_expert_moe = "block_sparse_moe"
     proj = ("w1", "w3", "w2")
     gguf_reads_fused = False     # the pinned converter maps only block_sparse_moe.experts.N.w1/w2/w3

@@ -59,3 +59,9 @@ class Qwen3NextAdapter(Adapter):
             stored = self.stored_experts(infos)
             if stored != n:
                 raise CheckpointError(f"config.json says num_experts={n} but MTP layer {prefix} holds {stored} experts")
+
+    def gguf_converter_args(self, ckpt) -> list[str]:
+        # The converter asserts that a Qwen3-Next checkpoint carries mtp.* tensors, as Hub checkpoints do;
+        # checkpoints written by transformers (and compressed ones made from them) have none.
+        has_mtp = any(n.startswith("mtp.") for n in ckpt.other_names)
+        return super().gguf_converter_args(ckpt) + ([] if has_mtp else ["--no-mtp"])

@@ -1,9 +1,10 @@
-"""Run a checkpoint one decoder layer at a time.
+"""Run a model one decoder layer at a time.
 
 Only one decoder layer's weights are in memory at once: the embedding turns token ids into hidden
 states, then each layer is built by the family's adapter from its own tensors, applied to the whole
-batch, and dropped; finally the norm and the head give logits. The compression pass uses the same
-loop, observing or modifying each layer before moving on.
+batch, and dropped; finally the norm and the head give logits. Compression and evaluation use the same
+loop, observing or modifying each layer before moving on; a layer handed back with fewer experts (pruned
+or merged) is built at its own size.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..checkpoint import Checkpoint
+from ..models import Model
 
 
 @dataclass
@@ -29,12 +30,13 @@ class LayerContext:
 class LayerwiseModel:
     """A model whose decoder layers are loaded, run and released one at a time."""
 
-    def __init__(self, ckpt: Checkpoint, *, dtype: torch.dtype = torch.float32):
-        self.ckpt = ckpt
-        self.adapter = ckpt.adapter
+    def __init__(self, model: Model, *, dtype: torch.dtype = torch.float32):
+        self.model = model
+        self.ckpt = ckpt = model.checkpoint
+        self.adapter = model.adapter
         self.dtype = dtype
-        self.hf_config = self.adapter.hf_config(ckpt.config)
-        self.hf_config.dtype = dtype
+        self.hf_config = self._hf_config(ckpt.config)
+        self._resized: dict[int, object] = {}     # expert count -> transformers config of that size
         other = ckpt.load_other()
         self.embed_weight = other["model.embed_tokens.weight"].to(dtype)
         head = other.get("lm_head.weight")
@@ -61,10 +63,27 @@ class LayerwiseModel:
             masks=self.adapter.layer_masks(self.hf_config, hidden, position_ids, attention_mask),
         )
 
+    def _hf_config(self, config: dict):
+        cfg = self.adapter.hf_config(config)
+        cfg.dtype = self.dtype
+        return cfg
+
     def layer(self, index: int, tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        """Decoder layer ``index`` built from its own tensors (read from the checkpoint by default)."""
-        tensors = self.ckpt.load_layer(index) if tensors is None else tensors
-        return self.adapter.build_layer(self.hf_config, index, tensors, dtype=self.dtype)
+        """Decoder layer ``index`` built from its own tensors (read from the checkpoint by default).
+
+        Given tensors may hold a different number of routed experts than the checkpoint's config (a
+        compressed layer); the layer is then built with that many experts, top-k unchanged.
+        """
+        if tensors is None:
+            return self.adapter.build_layer(self.hf_config, index, self.ckpt.load_layer(index), dtype=self.dtype)
+        hf_config = self.hf_config
+        if any(self.adapter.is_expert_key(k) for k in tensors):
+            n = self.adapter.stored_experts(tensors)
+            if n != self.adapter.num_experts(self.ckpt.config):
+                if n not in self._resized:
+                    self._resized[n] = self._hf_config(self.adapter.with_num_experts(self.ckpt.config, n))
+                hf_config = self._resized[n]
+        return self.adapter.build_layer(hf_config, index, tensors, dtype=self.dtype)
 
     @torch.no_grad()
     def run_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
