@@ -129,6 +129,67 @@ def demo(
     doctor()
 
 
+class AgentClient(str, Enum):
+    claude_code = "claude-code"
+    cline = "cline"
+    continue_ = "continue"
+    aider = "aider"
+
+
+@app.command()
+@user_errors
+def serve(
+    model: Annotated[str | None, typer.Argument(help="GGUF file, or a run folder of <name>.<TYPE>.gguf variants")] = None,
+    variant: Annotated[str | None, typer.Option(help="variant to serve from a run folder, e.g. Q4_K_M")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on (0: a free one)")] = 8080,
+    api_key: Annotated[str | None, typer.Option(envvar="REAMKIT_API_KEY", help="key clients must send (Bearer or x-api-key)")] = None,
+    ctx: Annotated[int, typer.Option(help="context size in tokens, shared by the parallel slots")] = 32768,
+    parallel: Annotated[int, typer.Option(help="requests decoded at once")] = 4,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: llama.cpp's choice)")] = None,
+    cache_type: Annotated[str, typer.Option(help="KV cache type (f16, q8_0, ...)")] = "f16",
+    alias: Annotated[str | None, typer.Option(help="model name reported to clients (default: the file name)")] = None,
+    chat_template_file: Annotated[Path | None, typer.Option(help="Jinja chat template instead of the GGUF's")] = None,
+    log_file: Annotated[Path | None, typer.Option(help="llama-server's log (default: in the reamkit cache)")] = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="log each request's question and answer")] = False,
+    print_client_config: Annotated[AgentClient | None, typer.Option(help="print a client's settings and exit")] = None,
+    llama_arg: Annotated[list[str] | None, typer.Option("--llama-arg", help="extra llama-server option (repeatable)")] = None,
+) -> None:
+    """Serve MODEL to coding agents: OpenAI and Anthropic endpoints of the pinned llama-server."""
+    from .serving import ServeOptions, client_config
+    from .serving import serve as run_server
+    from .serving.server import check_options, setup_logging
+
+    opts = ServeOptions(host=host, port=port, api_key=api_key, ctx=ctx, parallel=parallel, threads=threads,
+                        cache_type=cache_type, alias=alias, chat_template_file=chat_template_file,
+                        log_file=log_file, verbose=verbose, extra_args=list(llama_arg or []))
+    check_options(opts)
+    if print_client_config is not None:
+        name = alias or "reamkit"
+        if model:
+            from .serving import resolve_model
+
+            name = alias or resolve_model(model, variant).name.removesuffix(".gguf")
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        out.print(client_config(print_client_config.value, url, name, ctx, api_key), markup=False,
+                  highlight=False, soft_wrap=True)
+        return
+    if model is None:
+        raise ReamkitError("give the GGUF file or run folder to serve")
+    setup_logging(verbose)
+
+    def ready(url: str, name: str, n_ctx: int, log_path: Path) -> None:
+        err.print(f"serving {name} on {url} (context {n_ctx}, llama-server log: {log_path})", markup=False,
+                  highlight=False, soft_wrap=True)
+        err.print(f"  OpenAI:    {url}/v1   Anthropic: {url}   key: {'required' if api_key else 'none'}",
+                  markup=False, highlight=False, soft_wrap=True)
+        err.print("  client settings: reamkit serve --print-client-config claude-code|cline|continue|aider",
+                  markup=False, highlight=False, soft_wrap=True)
+
+    code = run_server(model, opts, variant=variant, on_ready=ready)
+    raise typer.Exit(code)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

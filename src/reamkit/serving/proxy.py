@@ -1,0 +1,237 @@
+"""The thin HTTP layer in front of llama-server, for what it does not do right by itself.
+
+Each piece exists because a test against the pinned llama-server showed the gap:
+
+* API keys are compared in constant time, before anything else, on every path but ``/health``
+  (llama-server's own comparison is a plain ``==`` and runs after its body parsing); llama-server itself
+  listens on a private loopback port behind a random key of its own.
+* A body over the size cap gets 413 before it is read whole, malformed JSON gets 400 (llama-server: 500), and
+  ``max_tokens`` larger than the context gets 400 (llama-server: accepted, then generates until the context is
+  full). Errors use the OpenAI shape, or the Anthropic shape on ``/v1/messages``.
+* Qwen3-Coder tool calls: binding ``tool_choice`` and cut-off calls returned as text (:mod:`.qwen3_coder`).
+
+Everything else (``/v1/models``, completions, streaming, usage, the Anthropic conversion, tool-call parsing
+and typing) is llama-server's, passed through byte for byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import time
+
+import httpx2 as httpx
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from . import qwen3_coder
+from .streams import AnthropicToolStream, OpenAIToolStream, split_events
+
+log = logging.getLogger("reamkit.serve")
+PUBLIC = {"/health", "/v1/health"}
+ANTHROPIC = {"/v1/messages", "/v1/messages/count_tokens"}
+CHAT = {"/v1/chat/completions", "/chat/completions"}
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "n_predict")
+HOP_HEADERS = {"host", "content-length", "authorization", "x-api-key", "connection", "transfer-encoding",
+               "accept-encoding", "keep-alive", "upgrade"}
+
+
+class Settings:
+    def __init__(self, upstream: str, upstream_key: str, api_key: str | None, n_ctx: int,
+                 qwen3_coder_tools: bool, max_body: int, verbose: bool = False):
+        self.upstream, self.upstream_key, self.api_key = upstream, upstream_key, api_key
+        self.n_ctx, self.qwen3_coder_tools, self.max_body, self.verbose = n_ctx, qwen3_coder_tools, max_body, verbose
+
+
+def error(path: str, status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    if path in ANTHROPIC:
+        body = {"type": "error", "error": {"type": kind, "message": message}}
+    else:
+        body = {"error": {"message": message, "type": kind, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+def authorized(request: Request, key: str) -> bool:
+    given = request.headers.get("authorization", "")
+    if given[:7].lower() == "bearer ":
+        given = given[7:]
+    elif not given:
+        given = request.headers.get("x-api-key", "")
+    return hmac.compare_digest(given.strip().encode(), key.encode())
+
+
+def check_body(body: object, n_ctx: int) -> str | None:
+    """A one-line reason to refuse the request, or None."""
+    if not isinstance(body, dict):
+        return "the request body must be a JSON object"
+    for field in TOKEN_FIELDS:
+        value = body.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value > n_ctx:
+            return (f"{field} = {value} is larger than the context of {n_ctx} tokens; "
+                    f"ask for at most {n_ctx} (prompt and answer share the context)")
+    return None
+
+
+def build_app(settings: Settings) -> Starlette:
+    client = httpx.AsyncClient(base_url=settings.upstream, timeout=httpx.Timeout(None, connect=10.0),
+                               limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+
+    async def proxy(request: Request) -> Response:
+        started = time.perf_counter()
+        path = request.url.path
+        if settings.api_key and path not in PUBLIC and not authorized(request, settings.api_key):
+            log.warning("%s %s -> 401 (missing or wrong API key)", request.method, path)
+            return error(path, 401, "invalid or missing API key", "authentication_error")
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > settings.max_body:
+            return error(path, 413, f"request body of {int(size)} bytes is over the {settings.max_body}-byte limit",
+                         "request_too_large")
+        raw = b""
+        try:
+            async for part in request.stream():
+                raw += part
+                if len(raw) > settings.max_body:
+                    return error(path, 413, f"request body is over the {settings.max_body}-byte limit",
+                                 "request_too_large")
+        except ClientDisconnect:
+            return Response(status_code=499)
+
+        body, api, schemas = None, None, {}
+        if request.method == "POST" and raw:
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as e:
+                return error(path, 400, f"malformed JSON body: {e}")
+            reason = check_body(body, settings.n_ctx)
+            if reason:
+                return error(path, 400, reason)
+            api = "anthropic" if path == "/v1/messages" else "openai" if path in CHAT else None
+            if api and settings.qwen3_coder_tools:
+                new, has_tools = qwen3_coder.rewrite_tool_choice(body, api)
+                if has_tools:
+                    schemas = qwen3_coder.tool_schemas(new)
+                if new is not body:
+                    body, raw = new, json.dumps(new).encode()
+
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        headers["authorization"] = f"Bearer {settings.upstream_key}"
+        upstream = client.build_request(request.method, path, params=request.query_params, headers=headers,
+                                        content=raw)
+        resp = await client.send(upstream, stream=True)
+        out_headers = {k: v for k, v in resp.headers.items()
+                       if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding")}
+        streamed = resp.headers.get("content-type", "").startswith("text/event-stream")
+        label = f"{request.method} {path}" + (f" model={body.get('model')}" if isinstance(body, dict)
+                                                and body.get("model") else "")
+
+        if not streamed:
+            data = await resp.aread()
+            await resp.aclose()
+            if schemas and resp.status_code == 200:
+                data = _repair_whole(data, api, schemas)
+            _log(settings, label, resp.status_code, started, body, data)
+            return Response(data, status_code=resp.status_code, headers=out_headers)
+
+        fixer = (AnthropicToolStream if api == "anthropic" else OpenAIToolStream)(schemas) if schemas else None
+        seen: list[bytes] = []
+
+        async def relay():
+            pending = b""
+            async for part in resp.aiter_raw():
+                if settings.verbose:
+                    seen.append(part)
+                if fixer is None:
+                    yield part
+                    continue
+                events, pending = split_events(pending + part)
+                for event in events:
+                    for out in fixer.feed(event):
+                        yield out
+            if pending:
+                yield pending
+
+        def done():
+            _log(settings, label, resp.status_code, started, body, b"".join(seen), stream=True)
+
+        return StreamingResponse(relay(), status_code=resp.status_code, headers=out_headers,
+                                 background=BackgroundTask(_close_then, resp, done))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await client.aclose()
+
+    routes = [Route("/{path:path}", proxy, methods=["GET", "POST", "PUT", "DELETE", "OPTIONS", "HEAD"])]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+async def _close_then(resp, done) -> None:
+    await resp.aclose()
+    done()
+
+
+def _repair_whole(data: bytes, api: str, schemas: dict) -> bytes:
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return data
+    fix = qwen3_coder.repair_anthropic_message if api == "anthropic" else qwen3_coder.repair_openai_message
+    if fix(doc, schemas):
+        log.warning("a tool call cut off by max_tokens was returned as text")
+        return json.dumps(doc, ensure_ascii=False).encode()
+    return data
+
+
+def _log(settings: Settings, label: str, status: int, started: float, body, answer: bytes,
+         stream: bool = False) -> None:
+    line = f"{label}{' stream' if stream else ''} -> {status} in {time.perf_counter() - started:.2f}s"
+    if settings.verbose and isinstance(body, dict):
+        line += f" | asked: {_preview(_last_user_text(body))} | answered: {_preview(_answer_text(answer))}"
+    log.info(line)
+
+
+def _preview(text: str, n: int = 120) -> str:
+    text = " ".join(text.split())
+    return json.dumps(text[:n] + ("..." if len(text) > n else ""), ensure_ascii=False)
+
+
+def _last_user_text(body: dict) -> str:
+    for msg in reversed(body.get("messages") or []):
+        if isinstance(msg, dict) and msg.get("role") == "user":
+            content = msg.get("content")
+            if isinstance(content, list):
+                return " ".join(b.get("text", "") for b in content if isinstance(b, dict))
+            return str(content or "")
+    return str(body.get("prompt", ""))
+
+
+def _answer_text(answer: bytes) -> str:
+    """The generated text of a whole or streamed OpenAI/Anthropic answer (for the verbose log only)."""
+    docs = []
+    for line in answer.split(b"\n"):
+        line = line[6:] if line.startswith(b"data: ") else line
+        if line.startswith(b"{"):
+            try:
+                docs.append(json.loads(line))
+            except ValueError:
+                pass
+    parts: list[str] = []
+    for d in docs:
+        for c in d.get("choices") or []:
+            m = c.get("message") or c.get("delta") or {}
+            parts.append(m.get("content") or c.get("text") or "")
+            for call in m.get("tool_calls") or []:
+                parts.append(f"[call {(call.get('function') or {}).get('name') or ''}]")
+        if isinstance(d.get("content"), list):
+            parts += [b.get("text") or f"[tool_use {b.get('name')}]" for b in d["content"] if isinstance(b, dict)]
+        delta = d.get("delta") or {}
+        parts.append(delta.get("text") or "")
+        block = d.get("content_block") or {}
+        if block.get("type") == "tool_use":
+            parts.append(f"[tool_use {block.get('name')}]")
+    return "".join(parts)

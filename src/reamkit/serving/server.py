@@ -1,0 +1,262 @@
+"""``reamkit serve``: start the pinned llama-server on a private port, put the thin layer of :mod:`.proxy` in
+front of it, wait until both answer, and take both down on Ctrl-C / SIGTERM (or when llama-server dies)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ReamkitError
+from ..toolchain import find_toolchain, last_error_line
+from .models import resolve_model
+
+log = logging.getLogger("reamkit.serve")
+CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    ctx: int = 32768
+    parallel: int = 4
+    threads: int | None = None
+    cache_type: str = "f16"
+    alias: str | None = None
+    chat_template_file: Path | None = None
+    max_body_mb: float = 8.0
+    log_file: Path | None = None
+    verbose: bool = False
+    startup_timeout: float = 600.0
+    extra_args: list[str] = field(default_factory=list)
+
+
+def check_options(opts: ServeOptions) -> None:
+    """Refuse bad settings in one line before anything starts."""
+    if not 0 <= opts.port <= 65535:
+        raise ReamkitError(f"--port {opts.port} is not a TCP port (0-65535)")
+    if opts.ctx < 256:
+        raise ReamkitError(f"--ctx {opts.ctx} is too small; agents need 32768 or more")
+    if opts.parallel < 1:
+        raise ReamkitError(f"--parallel {opts.parallel} must be at least 1")
+    if opts.cache_type not in CACHE_TYPES:
+        raise ReamkitError(f"--cache-type {opts.cache_type} is not one of {', '.join(CACHE_TYPES)}")
+    if opts.api_key is not None and not opts.api_key.strip():
+        raise ReamkitError("--api-key is empty")
+    if opts.chat_template_file and not Path(opts.chat_template_file).is_file():
+        raise ReamkitError(f"chat template file {opts.chat_template_file} not found")
+    forbidden = {"--tools", "--agent", "-ag", "--slot-save-path", "--rpc", "--mcp-servers-config",
+                 "--mcp-servers-json", "--ui-mcp-proxy", "--webui-mcp-proxy", "--host", "--port", "--api-key",
+                 "--api-key-file", "--chat-template"}
+    bad = [a for a in opts.extra_args if a.split("=")[0] in forbidden]
+    if bad:
+        raise ReamkitError(f"llama-server option {bad[0]} cannot be passed through (reamkit sets it, or it is unsafe)")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def llama_server_command(binary: Path, model: Path, opts: ServeOptions, port: int, key: str, alias: str) -> list[str]:
+    cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--api-key", key,
+           "--alias", alias, "-c", str(opts.ctx), "-np", str(opts.parallel), "--kv-unified",
+           "--jinja", "--no-webui", "--cors-origins", "localhost", "--no-slots", "--metrics",
+           "-ctk", opts.cache_type, "-ctv", opts.cache_type]
+    if opts.threads:
+        cmd += ["-t", str(opts.threads), "-tb", str(opts.threads)]
+    if opts.chat_template_file:
+        cmd += ["--chat-template-file", str(opts.chat_template_file)]
+    return cmd + list(opts.extra_args)
+
+
+class LlamaServer:
+    """The llama-server child: its own process group, its log in a file, stopped with the whole group."""
+
+    def __init__(self, cmd: list[str], log_path: Path, port: int, key: str):
+        self.cmd, self.log_path, self.port, self.key = cmd, log_path, port, key
+        self.url = f"http://127.0.0.1:{port}"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+
+    def get(self, path: str) -> dict:
+        req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.key}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.load(r)
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ReamkitError(f"llama-server exited (code {self.proc.returncode}): {self.last_error()}",
+                                   fix=f"see {self.log_path}")
+            try:
+                if self.get("/health").get("status") == "ok":
+                    return
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise ReamkitError(f"llama-server did not become healthy within {timeout:.0f} s", fix=f"see {self.log_path}")
+
+    def last_error(self) -> str:
+        try:
+            return last_error_line(self.log_path.read_text(errors="replace")[-20000:])
+        except OSError:
+            return "no log"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            except ProcessLookupError:
+                pass
+        self._log.close()
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM if reamkit itself is killed, so no llama-server is ever left behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def default_log_path(port: int) -> Path:
+    from ..zoo import cache_root
+
+    return cache_root() / "logs" / f"llama-server-{port}-{os.getpid()}.log"
+
+
+def serve(model: str | Path, opts: ServeOptions, *, variant: str | None = None, on_ready=None) -> int:
+    """Serve until Ctrl-C / SIGTERM. ``on_ready(url, alias, n_ctx)`` is called once both layers answer."""
+    import uvicorn
+
+    from .proxy import Settings, build_app
+
+    check_options(opts)
+    gguf = resolve_model(model, variant)
+    tc = find_toolchain()
+    if not is_loopback(opts.host) and not opts.api_key:
+        log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
+                    "(pass --api-key)", opts.host)
+    port = opts.port or free_port()
+    with socket.socket() as s:             # fail fast, before loading a model, if the port is taken
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((opts.host, port))
+        except OSError as e:
+            raise ReamkitError(f"cannot listen on {opts.host}:{port}: {e.strerror}") from None
+    alias = opts.alias or gguf.name.removesuffix(".gguf")
+    key = secrets.token_urlsafe(24)
+    inner = free_port()
+    log_path = Path(opts.log_file) if opts.log_file else default_log_path(port)
+    child = LlamaServer(llama_server_command(tc.tool("llama-server"), gguf, opts, inner, key, alias),
+                        log_path, inner, key)
+    try:
+        child.wait_healthy(opts.startup_timeout)
+        props = child.get("/props")
+        n_ctx = int((props.get("default_generation_settings") or {}).get("n_ctx") or opts.ctx)
+        template = props.get("chat_template") or ""
+        from .qwen3_coder import is_qwen3_coder_template
+
+        settings = Settings(child.url, key, opts.api_key, n_ctx, is_qwen3_coder_template(template),
+                            int(opts.max_body_mb * 2**20), opts.verbose)
+        config = uvicorn.Config(build_app(settings), host=opts.host, port=port, log_level="warning",
+                                access_log=False, timeout_keep_alive=30, lifespan="on")
+        server = uvicorn.Server(config)
+
+        async def watch():
+            import asyncio
+
+            while not server.should_exit:
+                if not child.alive():
+                    log.error("llama-server exited (code %s): %s", child.proc.returncode, child.last_error())
+                    server.should_exit = True
+                    return
+                if server.started and on_ready:
+                    on_ready(f"http://{_url_host(opts.host)}:{port}", alias, n_ctx, log_path)
+                    ready_sent.append(True)
+                    break
+                await asyncio.sleep(0.05)
+            while not server.should_exit:
+                if not child.alive():
+                    log.error("llama-server exited (code %s): %s", child.proc.returncode, child.last_error())
+                    server.should_exit = True
+                    return
+                await asyncio.sleep(0.5)
+
+        ready_sent: list[bool] = []
+
+        async def main():
+            import asyncio
+
+            task = asyncio.create_task(watch())
+            await server.serve()
+            task.cancel()
+
+        import asyncio
+
+        # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal; make that a
+        # KeyboardInterrupt so the llama-server child is always stopped below.
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            asyncio.run(main())
+        except KeyboardInterrupt:
+            pass
+        return 0 if child.alive() else 1
+    finally:
+        child.stop()
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("reamkit.serve")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
