@@ -122,3 +122,16 @@ def tokenizer_kv_bytes(vocab_size: int, model_dir: Path) -> int:
 
 def rows_as_dicts(rows: list[SizeRow]) -> list[dict]:
     return [{k: v for k, v in asdict(r).items() if k != "size_bytes"} for r in rows]
+
+
+def sizes_table(rows: list[SizeRow]):
+    from rich.table import Table
+
+    table = Table("type", "GB", "GiB", "bpw")
+    for r in rows:
+        table.add_row(r.type, _num(r.size_gb), _num(r.size_gib), f"{r.bpw:.2f}")
+    return table
+
+
+def _num(x: float) -> str:
+    return f"{x:.2f}" if x >= 1 else f"{x:.4f}"
