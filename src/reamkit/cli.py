@@ -190,6 +190,57 @@ def serve(
     raise typer.Exit(code)
 
 
+@app.command()
+@user_errors
+def quantize(
+    model: Annotated[str, typer.Argument(help="Hugging Face model folder, or an F16/BF16/F32 GGUF")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="folder for the reference GGUF and the variants")],
+    ladder: Annotated[str, typer.Option(help="static (llama.cpp's mixes) or moe-aware (always-active tensors kept high)")] = "static",
+    types: Annotated[str | None, typer.Option(help="comma-separated types (default: the 11-type ladder)")] = None,
+    imatrix: Annotated[str, typer.Option(help="auto (compression statistics, else llama-imatrix), none, or a file")] = "auto",
+    keep_type: Annotated[str, typer.Option(help="moe-aware ladder: type of the always-active tensors")] = "Q8_0",
+    calibration: Annotated[str | None, typer.Option(help="imatrix calibration mixture (default code=0.7,math=0.3)")] = None,
+    imatrix_chunks: Annotated[int, typer.Option(help="imatrix: chunks of --imatrix-ctx tokens")] = 64,
+    imatrix_ctx: Annotated[int, typer.Option(help="imatrix: tokens per chunk")] = 512,
+    name: Annotated[str | None, typer.Option(help="file name stem (default: the model's name)")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all)")] = None,
+) -> None:
+    """Quantize MODEL into a ladder of GGUF types with the pinned llama-quantize."""
+    from .quantization import QuantizeOptions, quantize_model, variants_table
+
+    opts = QuantizeOptions(types=types, ladder=ladder, imatrix=imatrix, keep_type=keep_type, name=name,
+                           threads=threads, calibration=calibration, imatrix_chunks=imatrix_chunks,
+                           imatrix_ctx=imatrix_ctx)
+    result = quantize_model(model, output, opts)
+    for line in result.warnings:
+        err.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+    out.print(variants_table(result))
+
+
+@app.command()
+@user_errors
+def sizes(
+    model: Annotated[str, typer.Argument(help="model folder, its config.json, or a reference GGUF")],
+    types: Annotated[str | None, typer.Option(help="comma-separated types (default: the 11-type ladder)")] = None,
+    experts: Annotated[int | None, typer.Option(help="predict for this many experts per layer")] = None,
+    ladder: Annotated[str, typer.Option(help="static or moe-aware")] = "static",
+    keep_type: Annotated[str, typer.Option(help="moe-aware ladder: type of the always-active tensors")] = "Q8_0",
+    imatrix: Annotated[bool, typer.Option("--imatrix/--no-imatrix", help="quantized with an importance matrix")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list")] = False,
+) -> None:
+    """Predict each GGUF variant's size from the config alone (no weights needed)."""
+    import json
+
+    from .quantization import predict_sizes, rows_as_dicts, sizes_table
+
+    rows = predict_sizes(model, types=types, experts=experts, ladder=ladder, has_imatrix=imatrix,
+                         keep_type=keep_type)
+    if as_json:
+        out.print(json.dumps(rows_as_dicts(rows), indent=2), markup=False, highlight=False, soft_wrap=True)
+    else:
+        out.print(sizes_table(rows))
+
+
 def main() -> None:  # pragma: no cover
     app()
 
