@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import shutil
@@ -52,6 +53,17 @@ def zoo_copy(zoo_path, tmp_path) -> Path:
     return dst
 
 
+def constraints_pin(key: str) -> str:
+    """A pin read straight from constraints.txt (``name==version`` or ``# pin: key value``), independently of
+    the code under test."""
+    for line in (Path(__file__).resolve().parents[1] / "constraints.txt").read_text().splitlines():
+        if line.startswith(f"{key}=="):
+            return line.split("==", 1)[1].split()[0]
+        if line.startswith(f"# pin: {key} "):
+            return line.split()[3]
+    raise KeyError(key)
+
+
 def reference_ids(path: Path, n: int = 200) -> torch.Tensor:
     """``n`` token ids of real Python source (not from the tokenizer's training files), shape [1, n]."""
     from transformers import AutoTokenizer
@@ -74,3 +86,27 @@ def hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
         for p in model.parameters():
             p.data = p.data.clone()
         return model(ids).logits[0]
+
+
+def masked_router(layer, adapter, keep: list[int]):
+    """Make ``layer``'s router give -inf logits to every expert not in ``keep`` (the reference for pruning:
+    softmax over the kept experts only, then the layer's own top-k, renormalisation and expert kernels)."""
+    hf = importlib.import_module(adapter.hf_module)
+    gate = layer.mlp.gate
+    real_forward, real_linear = gate.forward, hf.F.linear
+    dropped = torch.ones(gate.weight.shape[0], dtype=torch.bool)
+    dropped[keep] = False
+
+    def linear(x, w, *args):
+        out = real_linear(x, w, *args)
+        return out.masked_fill(dropped, float("-inf")) if w is gate.weight else out
+
+    def forward(hidden):
+        hf.F.linear = linear
+        try:
+            return real_forward(hidden)
+        finally:
+            hf.F.linear = real_linear
+
+    gate.forward = forward
+    return layer

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
@@ -10,7 +9,7 @@ import torch
 from reamkit.models import Experts, open_model
 from reamkit.runtime import LayerwiseModel
 
-from .conftest import hf_logits, reference_ids
+from .conftest import hf_logits, masked_router, reference_ids
 
 
 def test_layer_by_layer_matches_transformers(zoo_path, family, figure):
@@ -39,30 +38,6 @@ def test_layer_by_layer_matches_transformers(zoo_path, family, figure):
     assert loaded == list(range(ckpt.num_layers))   # each layer loaded once, when its turn came
     if family == "qwen3_next":
         assert seen_types == {"linear_attention", "full_attention"}
-
-
-def masked_router(layer, adapter, keep: list[int]):
-    """Make ``layer``'s router give -inf logits to every expert not in ``keep`` (the reference for pruning:
-    softmax over the kept experts only, then the layer's own top-k, renormalisation and expert kernels)."""
-    hf = importlib.import_module(adapter.hf_module)
-    gate = layer.mlp.gate
-    real_forward, real_linear = gate.forward, hf.F.linear
-    dropped = torch.ones(gate.weight.shape[0], dtype=torch.bool)
-    dropped[keep] = False
-
-    def linear(x, w, *args):
-        out = real_linear(x, w, *args)
-        return out.masked_fill(dropped, float("-inf")) if w is gate.weight else out
-
-    def forward(hidden):
-        hf.F.linear = linear
-        try:
-            return real_forward(hidden)
-        finally:
-            hf.F.linear = real_linear
-
-    gate.forward = forward
-    return layer
 
 
 def test_pruned_layer_handed_back_runs_at_its_own_size(zoo_path, family, figure):
