@@ -65,10 +65,44 @@ def authorized(request: Request, key: str) -> bool:
     return hmac.compare_digest(given.strip().encode(), key.encode())
 
 
-def check_body(body: object, n_ctx: int) -> str | None:
+OPENAI_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+ANTHROPIC_ROLES = {"user", "assistant"}
+# Block types of the Messages API that a client may send back; llama-server silently drops any other.
+ANTHROPIC_BLOCKS = {"text", "image", "document", "tool_use", "tool_result", "thinking", "redacted_thinking",
+                    "search_result", "server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
+                    "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result", "container_upload",
+                    "tool_reference"}
+
+
+def check_messages(body: dict, api: str) -> str | None:
+    """Roles and (Anthropic) content-block types llama-server would accept silently and mis-render or drop.
+    Unknown top-level fields stay allowed: agents send vendor extensions (``metadata``, ``betas``, ...)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return "'messages' must be a list"
+    roles = ANTHROPIC_ROLES if api == "anthropic" else OPENAI_ROLES
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            return f"messages[{i}] must be an object"
+        if msg.get("role") not in roles:
+            return f"messages[{i}].role {msg.get('role')!r} is not one of {', '.join(sorted(roles))}"
+        content = msg.get("content")
+        if api == "anthropic" and isinstance(content, list):
+            for block in content:
+                kind = block.get("type") if isinstance(block, dict) else None
+                if kind not in ANTHROPIC_BLOCKS:
+                    return f"messages[{i}] has a content block of unknown type {kind!r}"
+    return None
+
+
+def check_body(body: object, n_ctx: int, api: str | None = None) -> str | None:
     """A one-line reason to refuse the request, or None."""
     if not isinstance(body, dict):
         return "the request body must be a JSON object"
+    if api:
+        reason = check_messages(body, api)
+        if reason:
+            return reason
     for field in TOKEN_FIELDS:
         value = body.get(field)
         if isinstance(value, int) and not isinstance(value, bool) and value > n_ctx:
@@ -87,19 +121,21 @@ def build_app(settings: Settings) -> Starlette:
         if settings.api_key and path not in PUBLIC and not authorized(request, settings.api_key):
             log.warning("%s %s -> 401 (missing or wrong API key)", request.method, path)
             return error(path, 401, "invalid or missing API key", "authentication_error")
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > settings.max_body:
-            return error(path, 413, f"request body of {int(size)} bytes is over the {settings.max_body}-byte limit",
-                         "request_too_large")
-        raw = b""
+        parts, size = [], 0
         try:
             async for part in request.stream():
-                raw += part
-                if len(raw) > settings.max_body:
-                    return error(path, 413, f"request body is over the {settings.max_body}-byte limit",
-                                 "request_too_large")
+                size += len(part)
+                if size <= settings.max_body:
+                    parts.append(part)
+                elif size > 8 * settings.max_body:
+                    break      # stop reading a huge upload; the answer below closes the connection
         except ClientDisconnect:
             return Response(status_code=499)
+        if size > settings.max_body:
+            # read (and dropped) to the end, so the client gets this answer instead of a reset connection
+            return error(path, 413, f"request body of {size}+ bytes is over the {settings.max_body}-byte limit",
+                         "request_too_large")
+        raw = b"".join(parts)
 
         body, api, schemas = None, None, {}
         if request.method == "POST" and raw:
@@ -107,10 +143,10 @@ def build_app(settings: Settings) -> Starlette:
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
                 return error(path, 400, f"malformed JSON body: {e}")
-            reason = check_body(body, settings.n_ctx)
+            api = "anthropic" if path == "/v1/messages" else "openai" if path in CHAT else None
+            reason = check_body(body, settings.n_ctx, api)
             if reason:
                 return error(path, 400, reason)
-            api = "anthropic" if path == "/v1/messages" else "openai" if path in CHAT else None
             if api and settings.qwen3_coder_tools:
                 new, has_tools = qwen3_coder.rewrite_tool_choice(body, api)
                 if has_tools:

@@ -71,6 +71,8 @@ def rewrite_tool_choice(body: dict, api: str) -> tuple[dict, bool]:
         kept = [t for t in tools if isinstance(t, dict) and _tool_name(t) == forced]
         if kept:
             body["tools"] = kept
+            if api == "openai":
+                body.setdefault("parallel_tool_calls", False)    # a named choice means one call of that tool
         else:
             forced = ""
     body["tool_choice"] = "required" if api == "openai" else {"type": "any"}
