@@ -18,7 +18,19 @@ def test_sizes_are_kquant_friendly(zoo_path):
     for key in ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
         if key in cfg:
             assert cfg[key] % 256 == 0, key
-    assert cfg["bos_token_id"] == 0 and cfg["eos_token_id"] == 2
+
+
+def test_config_special_ids_are_the_tokenizers(zoo_path):
+    """Generation stops on the config's eos id: it must be the id the tokenizer gives its eos token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(zoo_path))
+    cfg = json.loads((zoo_path / "config.json").read_text())
+    gen = json.loads((zoo_path / "generation_config.json").read_text())
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token == "<|im_end|>"
+    assert cfg["eos_token_id"] == eos and gen["eos_token_id"] == eos
+    assert cfg["pad_token_id"] == tok.pad_token_id
 
 
 def test_routers_have_no_near_ties(zoo_path, family, figure):
@@ -34,7 +46,9 @@ def test_routers_have_no_near_ties(zoo_path, family, figure):
     gaps: list[float] = []
 
     def record_margin(module, args, out):
-        top = out[0].float().topk(k + 1, dim=-1).values        # router logits, best k+1 per token
+        # router logits computed here from the router's own weight (what a router returns varies by version)
+        logits = args[0].reshape(-1, module.weight.shape[1]).double() @ module.weight.double().T
+        top = logits.topk(k + 1, dim=-1).values                  # best k+1 per token
         gaps.append((top[:, k - 1] - top[:, k]).min().item())
 
     hidden = model.embed(reference_ids(zoo_path, 128))
