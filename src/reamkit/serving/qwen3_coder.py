@@ -95,8 +95,8 @@ def render_call(name: str, args: dict) -> str:
 def parse_partial_object(text: str) -> dict:
     """The keys of a JSON object cut off anywhere (``{"a": 1, "b": "xy``), as far as they are complete.
 
-    A string value cut off mid-way is kept as far as it goes; a cut-off number, literal or nested value is
-    dropped. Never raises.
+    Values are closed as far as they go (a cut-off string or list keeps its start); where closing fails, the
+    keys before the cut-off one are kept. The result only ever becomes text for the client. Never raises.
     """
     try:
         value = json.loads(text)
