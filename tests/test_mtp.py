@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from reamkit.checkpoint import Checkpoint, write_checkpoint
 from reamkit.errors import CheckpointError
 from reamkit.gguf import convert_to_gguf
+from reamkit.manifest import read_manifest
 from reamkit.models import open_model
 from reamkit.zoo import build_cached
 
@@ -70,4 +69,6 @@ def test_mtp_is_converted_as_nextn_layer(mtp_model, tmp_path):
     ids = reference_ids(mtp_model, 64)[0].tolist()
     a, b = llama_logits(gguf, ids), llama_logits(plain, ids)
     assert abs(a - b).max() < 1e-4
-    assert json.loads((mtp_model / "config.json").read_text())["num_hidden_layers"] == 4
+    # the adapter asks for --no-mtp exactly when there is no MTP block to convert
+    assert read_manifest(gguf, folder=False).params["converter_args"] == []
+    assert read_manifest(plain, folder=False).params["converter_args"] == ["--no-mtp"]
