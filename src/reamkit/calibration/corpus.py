@@ -14,6 +14,19 @@ import random
 import sysconfig
 from pathlib import Path
 
+VERSION = 1          # part of every cache key built from these corpora
+HELDOUT_EVERY = 20   # every 20th document is held out for evaluation; the rest may calibrate or train
+
+
+def calibration_part(docs: list[str]) -> list[str]:
+    """The documents calibration and training may use: all but every ``HELDOUT_EVERY``-th."""
+    return [d for i, d in enumerate(docs) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
+
+
+def heldout_part(docs: list[str]) -> list[str]:
+    """The documents kept for evaluation only (disjoint from :func:`calibration_part`)."""
+    return [d for i, d in enumerate(docs) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
+
 
 def code_documents(limit_bytes: int | None = None) -> list[str]:
     """Python source of this interpreter's standard library, in a fixed order (real code, PSF licence)."""
