@@ -241,6 +241,57 @@ def sizes(
         out.print(sizes_table(rows))
 
 
+@app.command()
+@user_errors
+def compress(
+    model: Annotated[str, typer.Argument(help="Hugging Face model folder (or hf:org/name)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="folder for the compressed model")],
+    method: Annotated[str, typer.Option(help="ream, reap, frequency, hc-smoe or m-smoe")] = "ream",
+    experts: Annotated[int | None, typer.Option(help="experts kept per layer")] = None,
+    ratio: Annotated[float | None, typer.Option(help="or: fraction of experts removed (0.25: 512 -> 384)")] = None,
+    calib: Annotated[str, typer.Option(help="calibration mix: built-in code/math, local paths, datasets")] = "code=0.7,math=0.3",
+    samples: Annotated[int, typer.Option(help="calibration sequences")] = 128,
+    seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 512,
+    batch_size: Annotated[int, typer.Option(help="sequences per calibration batch")] = 8,
+    seed: Annotated[int, typer.Option(help="seed of the calibration sampling and the method")] = 0,
+    ream_variant: Annotated[str, typer.Option(help="REAM: paper, or reference (the released code's behaviour)")] = "paper",
+    group_size: Annotated[int, typer.Option(help="REAM: largest merge group (0: every expert joins its nearest centroid)")] = 16,
+    merging: Annotated[str, typer.Option(help="REAM: logits+weights, weights, logits, avg or none")] = "logits+weights",
+    sequential: Annotated[bool | None, typer.Option("--sequential/--no-sequential", help="next layer sees the compressed layer (default: REAM yes, pruning no)")] = None,
+    drop_mtp: Annotated[bool, typer.Option("--drop-mtp", help="remove the multi-token-prediction block")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="compute dtype: float32, bfloat16, float16")] = "float32",
+    output_dtype: Annotated[str | None, typer.Option(help="dtype of the written weights (default: the input's)")] = None,
+    memory_budget: Annotated[float, typer.Option(help="GiB of hidden states kept in RAM before spilling to disk")] = 4.0,
+) -> None:
+    """Cut the routed experts of every MoE layer by REAM merging or REAP/frequency pruning (or HC-SMoE/M-SMoE)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .compression import CompressOptions
+    from .compression import compress as run_compress
+
+    mopts = {"variant": ream_variant, "group_size": group_size, "merging": merging} if method == "ream" else {}
+    opts = CompressOptions(method=method, experts=experts, ratio=ratio, method_options=mopts, calib=calib,
+                           samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, device=device,
+                           compute_dtype=dtype, output_dtype=output_dtype, sequential=sequential, drop_mtp=drop_mtp,
+                           memory_budget_gb=memory_budget)
+    with Progress(TextColumn("[bold]compress[/] layer {task.completed}/{task.total}"), BarColumn(),
+                  TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                  console=err, transient=False) as bar:
+        task = bar.add_task("layers", total=None, speed="")
+
+        def progress(info: dict) -> None:
+            bar.update(task, completed=info["layer"], total=info["layers"],
+                       speed=f"{info['tokens_per_s']:,.0f} tok/s")
+
+        result = run_compress(model, output, opts, progress=progress,
+                              announce=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True))
+    rep = result.report
+    verb = "up to date:" if result.skipped else "wrote"
+    out.print(f"{verb} {result.output} ({rep['method']}: {rep['experts_before']} -> {rep['experts_after']} experts "
+              f"per layer); report: {result.output / 'compression' / 'report.md'}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -51,6 +51,9 @@ class CheckpointWriter:
         self._total = 0
         self._ctx = None
         self._tmp: Path | None = None
+        # called with the finished temporary folder just before it is renamed into place; raising stops the
+        # publication (e.g. the model's own consistency check)
+        self.before_publish: Callable[[Path], None] | None = None
 
     def __enter__(self) -> "CheckpointWriter":
         self._ctx = atomic_dir(self.out_dir)
@@ -67,17 +70,29 @@ class CheckpointWriter:
         return bool(self._ctx.__exit__(exc_type, exc, tb))
 
     def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Queue full-name tensors for writing; flush a shard when the buffer is full."""
+        """Queue full-name tensors for writing. A shard is flushed before a tensor that would push it past
+        ``max_shard_bytes``, so shards respect the limit however large one call's tensors are (only a single
+        tensor larger than the limit gets a shard of its own)."""
         if self._tmp is None:
             raise RuntimeError("CheckpointWriter must be used as a context manager")
         for name, t in tensors.items():
             if name in self._seen:
                 raise CheckpointError(f"tensor {name!r} written twice")
+            nbytes = t.numel() * t.element_size()
+            if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+                self.flush()
             self._seen.add(name)
             self._buffer[name] = t
-            self._buffer_bytes += t.numel() * t.element_size()
+            self._buffer_bytes += nbytes
         if self._buffer_bytes >= self.max_shard_bytes:
             self.flush()
+
+    @property
+    def staging(self) -> Path:
+        """The temporary folder being filled (for extra files that belong with the model)."""
+        if self._tmp is None:
+            raise RuntimeError("CheckpointWriter must be used as a context manager")
+        return self._tmp
 
     def flush(self) -> None:
         if not self._buffer:
@@ -113,6 +128,8 @@ class CheckpointWriter:
                     shutil.copy2(src, tmp / name)
         for name, text in self.extra_files.items():
             (tmp / name).write_text(text)
+        if self.before_publish is not None:
+            self.before_publish(tmp)
 
 
 def write_checkpoint(src: Checkpoint, out_dir: Path, *, config: Mapping | None = None,

@@ -1,0 +1,41 @@
+"""M-SMoE (MC-SMoE without its low-rank step): frequency centroids, router-logit grouping, weight matching.
+
+The ``keep`` most frequently routed experts are centroids; every other expert joins the centroid whose router
+logits over the calibration tokens are most similar (cosine). Before averaging (weights proportional to routed
+token counts), each member's neurons are permuted to match the centroid's by weight matching (Hungarian on
+the distances between normalised per-neuron weight rows).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..align import align, cosine_distance, weight_features
+from ..plan import Group, LayerPlan, top_k_indices
+
+NAME = "m-smoe"
+SEQUENTIAL = False
+NEEDS = ("logits",)
+DEFAULTS: dict = {}
+
+
+def plan_layer(inp) -> LayerPlan:
+    st = inp.stats
+    freq = st.freq
+    centroids = top_k_indices(freq, inp.keep).tolist()
+    dist = cosine_distance(st.all_logits().T)                     # [N, N] over logit profiles
+    groups = {c: [c] for c in centroids}
+    others = [i for i in range(st.num_experts) if i not in groups]
+    if others:
+        nearest = dist[others][:, centroids].argmin(dim=1).tolist()
+        for j, c in zip(others, nearest):
+            groups[centroids[c]].append(j)
+    wf = weight_features(inp.block.experts) if others else None
+    out = []
+    for c in sorted(groups):
+        members = groups[c]
+        w = freq[members].double()
+        w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1 / len(members))
+        perms = [None] + [align(c, j, wf) for j in members[1:]]
+        out.append(Group(c, members, w.tolist(), perms))
+    return LayerPlan(st.num_experts, out, [float(v) for v in freq])

@@ -1,0 +1,130 @@
+"""REAM (Samsung SAIL Montreal): router-weighted expert activation merging.
+
+Per layer: keep the ``keep`` most salient experts as centroids; visiting centroids from the most salient,
+attach to each up to C-1 of its nearest still-unassigned non-centroids ("pseudo-pruning"); merge each group
+into its centroid by a saliency-weighted average after aligning every member's neurons to the centroid's
+(Hungarian, on activation + PCA'd weight costs); keep only the centroids' router rows, in original order.
+Layers are processed in order and the next layer's statistics come from the merged layer (sequential).
+
+Variants (``variant``):
+* ``paper`` (default): saliency S_i = mean over tokens routed to i of p_i ||E_i|| (softmax over all experts,
+  no renormalisation), padding masked; never-routed experts get weight 0.
+* ``reference``: the released code's behaviour -- S_i = sum over chunks of 8 sequences of the chunk mean of
+  p_i^2 ||E_i|| (outputs gated twice), divided by floor(sequences / 8); zeros replaced by
+  min(0.5, smallest positive S).
+
+Distance: d = 1 - (s_out + s_gate) / 2 with s_out = (1 + cos(m_i, m_j)) / 2 on the mean gated outputs m_i
+(plain mean outputs with ``gated_sim=False``) and s_gate = 1 - ||u_i - u_j|| / max, u_i expert i's router
+logits over all calibration tokens, normalised (dropped with ``gate_output=False``).
+``align=False`` skips the neuron alignment (an ablation: it shows what the Hungarian step is for).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...errors import ReamkitError
+from ..align import activation_features, align, pca_features, weight_features
+from ..observe import fill_zero_saliency
+from ..plan import Group, LayerPlan, top_k_indices
+
+NAME = "ream"
+SEQUENTIAL = True
+NEEDS = ("logits", "activations")
+DEFAULTS = {"variant": "paper", "group_size": 16, "merging": "logits+weights", "gated_sim": True,
+            "gate_output": True, "saliency": "reap", "pca_dim": 64, "seed": 0, "align": True}
+MERGING = ("logits+weights", "weights", "logits", "avg", "none")
+
+
+def check_options(opts: dict) -> None:
+    if opts["variant"] not in ("paper", "reference"):
+        raise ReamkitError(f"unknown REAM variant {opts['variant']!r}; choose paper or reference")
+    if opts["merging"] not in MERGING:
+        raise ReamkitError(f"unknown REAM merging {opts['merging']!r}; choose one of: {', '.join(MERGING)}")
+    if opts["saliency"] not in ("reap", "freq"):
+        raise ReamkitError(f"unknown REAM saliency {opts['saliency']!r}; choose reap or freq")
+
+
+def saliency(inp) -> torch.Tensor:
+    opts = inp.options
+    if opts["saliency"] == "freq":
+        return inp.stats.saliency("frequency")
+    if opts["variant"] == "reference":
+        return fill_zero_saliency(inp.stats.saliency("reference", sequences=inp.sequences))
+    return inp.stats.saliency("paper")
+
+
+def distance(inp) -> torch.Tensor:
+    """Pairwise expert distance [N, N] (float64), 0 on the diagonal."""
+    st, opts = inp.stats, inp.options
+    mean = (st.gated_out_sum if opts["gated_sim"] else st.out_sum) / max(1, st.tokens)
+    u = torch.nn.functional.normalize(mean.double(), dim=-1)
+    s = (1 + u @ u.T) / 2
+    if opts["gate_output"]:
+        logits = st.all_logits()
+        v = torch.nn.functional.normalize(logits.double().T, dim=-1)          # [N, T]
+        d = torch.cdist(v, v)
+        s = (s + (1 - d / d.max().clamp(min=1e-12))) / 2
+    dist = 1 - s
+    dist.fill_diagonal_(0)
+    return dist
+
+
+def pseudo_groups(sal: torch.Tensor, dist: torch.Tensor, keep: int, group_size: int) -> dict[int, list[int]]:
+    """Centroids = the ``keep`` most salient experts. With ``group_size`` C > 0, each centroid (most salient
+    first) takes its nearest unassigned non-centroids until it has C members; with C = 0 every non-centroid
+    joins its nearest centroid (MC-SMoE assignment). Returns {centroid: [centroid, members...]}."""
+    n = sal.numel()
+    centroids = top_k_indices(sal, keep).tolist()
+    if group_size > 0 and keep * (group_size - 1) < n - keep:
+        raise ReamkitError(f"group size {group_size} cannot absorb {n - keep} experts into {keep} groups; "
+                           f"use a group size of at least {-(-(n - keep) // keep) + 1}")
+    groups = {c: [c] for c in centroids}
+    free = torch.ones(n, dtype=torch.bool)
+    free[centroids] = False
+    if group_size == 0:
+        others = free.nonzero().flatten()
+        if others.numel():
+            nearest = dist[others][:, centroids].argmin(dim=1)
+            for j, c in zip(others.tolist(), nearest.tolist()):
+                groups[centroids[c]].append(j)
+        return groups
+    for c in centroids:
+        if not free.any():
+            break
+        order = torch.sort(dist[c], stable=True).indices
+        take = order[free[order]][: group_size - 1]
+        groups[c].extend(take.tolist())
+        free[take] = False
+    return groups
+
+
+def plan_layer(inp) -> LayerPlan:
+    opts = inp.options
+    check_options(opts)
+    sal = saliency(inp)
+    dist = distance(inp)
+    groups = pseudo_groups(sal, dist, inp.keep, int(opts["group_size"]))
+    merging = opts["merging"]
+    feats: list[torch.Tensor] = []
+    if not opts["align"]:
+        pass                                   # ablation: saliency-weighted average of unaligned neurons
+    elif merging in ("logits+weights", "logits"):
+        feats.append(activation_features(inp.stats.activations()))
+    if opts["align"] and merging in ("logits+weights", "weights") and any(len(m) > 1 for m in groups.values()):
+        feats.append(pca_features(weight_features(inp.block.experts), int(opts["pca_dim"]), int(opts["seed"])))
+    out = []
+    for c in sorted(groups):
+        members = groups[c] if merging != "none" else [c]
+        if len(members) == 1:
+            out.append(Group(c, [c], [1.0], [None]))
+            continue
+        w = sal[members].double()
+        w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1 / len(members))
+        if merging == "avg":
+            w = torch.full_like(w, 1 / len(members))
+        perms = [None] + [align(c, j, *feats) if feats else None for j in members[1:]]
+        out.append(Group(c, members, w.tolist(), perms))
+    sizes = sorted((len(m) for m in groups.values()), reverse=True)
+    return LayerPlan(inp.stats.num_experts, out, [float(v) for v in sal],
+                     {"group_sizes": [s for s in sizes if s > 1], "singletons": sizes.count(1)})

@@ -1,0 +1,151 @@
+"""Per-expert statistics of one MoE layer, accumulated over calibration batches.
+
+Every routed expert is evaluated densely on every calibration token (in blocks of experts sized to a memory
+budget), as REAP and REAM both require. One pass gathers everything any method needs:
+
+* ``freq`` [N]           routed token counts |X_i| (tokens whose top-k includes i)
+* ``prob_mass`` [N]      sum over all tokens of the softmax probability p_i
+* ``reap_sum`` [N]       sum over X_i of g_i * ||E_i|| with g the model's gate (top-k renormalised when the
+                         model renormalises): REAP's saliency numerator
+* ``paper_sum`` [N]      sum over X_i of p_i * ||E_i||: the REAM paper's saliency numerator
+* ``ref_chunk_sum`` [N]  sum over batches of mean over (X_i in the batch) of p_i^2 * ||E_i||: the released REAM
+                         code's saliency (double gating, per-chunk means that let frequency leak in)
+* ``ean_sum`` [N]        sum over X_i of ||E_i||
+* ``gated_out_sum`` [N, H]  sum over all tokens of p_i * E_i (REAM's similarity of outputs)
+* ``out_sum`` [N, H]     sum over all tokens of E_i (HC-SMoE's characteristic activation)
+* ``in_sumsq`` [N, H], ``mid_sumsq`` [N, D]  sums over X_i of x^2 and h_i^2: an importance matrix per expert
+* ``logits``            router logits of every token [T, N] (REAM's logit profiles, M-SMoE's similarity)
+* ``act_samples``       h_i at a random subset of positions [N, S, D] (REAM's neuron alignment)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models.moe import MoEBlock
+
+STAT_KEYS = ("freq", "prob_mass", "reap_sum", "paper_sum", "ref_chunk_sum", "ean_sum", "gated_out_sum",
+             "out_sum", "in_sumsq", "mid_sumsq")
+
+
+@dataclass
+class ObserveOptions:
+    activation_samples: int = 32768       # positions of h_i kept per layer for alignment (0: none)
+    keep_logits: bool = True              # REAM / M-SMoE need every token's router logits
+    block_bytes: int = 1 << 30            # memory for one block of dense expert outputs
+    seed: int = 0
+
+
+@dataclass
+class ExpertStats:
+    num_experts: int
+    hidden: int
+    inter: int
+    expected_batches: int
+    options: ObserveOptions = field(default_factory=ObserveOptions)
+
+    def __post_init__(self):
+        n, h, d = self.num_experts, self.hidden, self.inter
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+        self.freq, self.prob_mass, self.reap_sum, self.paper_sum = z(n), z(n), z(n), z(n)
+        self.ref_chunk_sum, self.ean_sum = z(n), z(n)
+        self.gated_out_sum, self.out_sum, self.in_sumsq, self.mid_sumsq = z(n, h), z(n, h), z(n, h), z(n, d)
+        self.tokens = 0
+        self.batches = 0
+        self.logits: list[torch.Tensor] = []
+        self.act_samples: list[torch.Tensor] = []
+        self._gen = torch.Generator().manual_seed(self.options.seed)
+
+    # ------------------------------------------------------------------ accumulate
+    @torch.no_grad()
+    def observe(self, block: MoEBlock, x: torch.Tensor) -> None:
+        """Add one batch: ``x`` [T, H] is the MoE input at real (non-padding) positions."""
+        x = x.to(block.router.dtype)
+        t = x.shape[0]
+        logits = block.router_logits(x)                                    # [T, N]
+        probs = torch.softmax(logits.float(), dim=-1)
+        gates = block.gates(logits)                                        # model's weights, 0 if not routed
+        _, top = torch.topk(probs, block.routing.top_k, dim=-1)
+        routed = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top, True)   # [T, N]
+        routed_f = routed.to(x.dtype)
+        self.freq += routed.sum(0).double()
+        self.prob_mass += probs.sum(0).double()
+        self.in_sumsq += (routed_f.T @ (x * x)).double()
+        if self.options.keep_logits:
+            self.logits.append(logits.float().cpu())
+        per = max(1, self.options.activation_samples // max(1, self.expected_batches))
+        pos = (torch.randperm(t, generator=self._gen)[:per].to(x.device)
+               if self.options.activation_samples else None)
+        samples = []
+        n = block.num_experts
+        step = max(1, int(self.options.block_bytes // max(1, t * (self.hidden + self.inter) * x.element_size())))
+        for s in range(0, n, step):
+            sl = slice(s, min(n, s + step))
+            h = block.expert_hidden(x, sl)                                 # [n, T, D]
+            e = block.expert_down(h, sl)                                   # [n, T, H]
+            norms = e.float().norm(dim=-1)                                 # [n, T]
+            r = routed[:, sl].T.float()                                    # [n, T]
+            p = probs[:, sl].T
+            g = gates[:, sl].T.float()
+            self.reap_sum[sl] += (g * norms).sum(1).double()
+            self.paper_sum[sl] += (r * p * norms).sum(1).double()
+            self.ean_sum[sl] += (r * norms).sum(1).double()
+            cnt = r.sum(1)
+            self.ref_chunk_sum[sl] += torch.where(cnt > 0, (r * p * p * norms).sum(1) / cnt.clamp(min=1), 0).double()
+            self.gated_out_sum[sl] += torch.einsum("nt,nth->nh", p.to(e.dtype), e).double()
+            self.out_sum[sl] += e.sum(1).double()
+            self.mid_sumsq[sl] += torch.einsum("nt,ntd->nd", r.to(h.dtype), h * h).double()
+            if pos is not None:
+                samples.append(h[:, pos].float().cpu())
+            del h, e
+        if samples:
+            self.act_samples.append(torch.cat(samples))
+        self.tokens += t
+        self.batches += 1
+
+    # ------------------------------------------------------------------ results
+    def saliency(self, mode: str, sequences: int | None = None, chunk: int = 8) -> torch.Tensor:
+        """Per-expert saliency [N] (float64).
+
+        ``reap``: mean over X_i of g_i ||E_i|| (the model's gate); ``paper``: mean over X_i of p_i ||E_i||;
+        ``reference``: the released REAM code's sum of per-batch means of p_i^2 ||E_i|| divided by
+        floor(sequences / chunk); ``frequency``: |X_i|; ``ean``: mean over X_i of ||E_i||.
+        Experts never routed get 0 (except ``reference``, see :func:`fill_zero_saliency`).
+        """
+        freq = self.freq.clamp(min=1)
+        if mode == "reap":
+            return self.reap_sum / freq
+        if mode == "paper":
+            return self.paper_sum / freq
+        if mode == "ean":
+            return self.ean_sum / freq
+        if mode == "frequency":
+            return self.freq.clone()
+        if mode == "reference":
+            denom = max(1, (sequences or self.batches * chunk) // chunk)
+            return self.ref_chunk_sum / denom
+        raise ValueError(f"unknown saliency mode {mode!r}")
+
+    def all_logits(self) -> torch.Tensor:
+        return torch.cat(self.logits) if self.logits else torch.empty(0, self.num_experts)
+
+    def activations(self) -> torch.Tensor:
+        """Sampled hidden activations [N, S, D]."""
+        return torch.cat(self.act_samples, dim=1) if self.act_samples else torch.empty(self.num_experts, 0, self.inter)
+
+    def summary_tensors(self) -> dict[str, torch.Tensor]:
+        """The per-expert statistics worth keeping on disk (not the per-token logits or samples)."""
+        out = {k: getattr(self, k).float() for k in STAT_KEYS}
+        out["expert_tokens"] = self.freq.float()
+        out["expert_in_sumsq"] = self.in_sumsq.float()
+        out["expert_mid_sumsq"] = self.mid_sumsq.float()
+        return out
+
+
+def fill_zero_saliency(s: torch.Tensor) -> torch.Tensor:
+    """The released REAM code's rule: zeros become min(0.5, smallest positive saliency)."""
+    pos = s[s > 0]
+    fill = min(0.5, float(pos.min())) if pos.numel() else 0.5
+    return torch.where(s > 0, s, torch.full_like(s, fill))
