@@ -27,6 +27,7 @@ err = Console(stderr=True)
 
 
 class Family(str, Enum):
+    demo = "demo"
     qwen3_next = "qwen3_next"
     qwen3_moe = "qwen3_moe"
     mixtral = "mixtral"
@@ -78,9 +79,16 @@ def zoo(
     seed: Annotated[int, typer.Option(help="random seed of the weights")] = 0,
     mtp: Annotated[bool, typer.Option("--mtp", help="add a Hub-style mtp.* block (qwen3_next only)")] = False,
 ) -> None:
-    """Write a tiny, deterministic model of FAMILY as a Hugging Face model folder."""
-    from .zoo import write_zoo_model
+    """Write a tiny model of FAMILY as a Hugging Face model folder: ``demo`` is the built-in trained coding
+    model (real, specialised experts); the families are deterministic random-weight models for tests."""
+    from .zoo import write_demo_model, write_zoo_model
 
+    if family is Family.demo:
+        if mtp or seed:
+            raise ReamkitError("the trained demo model has fixed weights: --seed and --mtp apply to the families")
+        path = write_demo_model(output)
+        out.print(f"wrote the trained demo model (demo-coder) to {path}")
+        return
     with err.status(f"building tiny {family.value} model"):
         path = write_zoo_model(family.value, output, seed=seed, mtp=mtp)
     out.print(f"wrote {family.value} model to {path}")
@@ -151,6 +159,7 @@ def serve(
     alias: Annotated[str | None, typer.Option(help="model name reported to clients (default: the file name)")] = None,
     chat_template_file: Annotated[Path | None, typer.Option(help="Jinja chat template instead of the GGUF's")] = None,
     log_file: Annotated[Path | None, typer.Option(help="llama-server's log (default: in the reamkit cache)")] = None,
+    max_body_mb: Annotated[float, typer.Option(help="largest request body accepted, in MiB")] = 8.0,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="log each request's question and answer")] = False,
     print_client_config: Annotated[AgentClient | None, typer.Option(help="print a client's settings and exit")] = None,
     llama_arg: Annotated[list[str] | None, typer.Option("--llama-arg", help="extra llama-server option (repeatable)")] = None,
@@ -162,7 +171,7 @@ def serve(
 
     opts = ServeOptions(host=host, port=port, api_key=api_key, ctx=ctx, parallel=parallel, threads=threads,
                         cache_type=cache_type, alias=alias, chat_template_file=chat_template_file,
-                        log_file=log_file, verbose=verbose, extra_args=list(llama_arg or []))
+                        log_file=log_file, verbose=verbose, max_body_mb=max_body_mb, extra_args=list(llama_arg or []))
     check_options(opts)
     if print_client_config is not None:
         name = alias or "reamkit"

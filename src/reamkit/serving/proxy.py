@@ -113,7 +113,7 @@ def check_body(body: object, n_ctx: int, api: str | None = None) -> str | None:
 
 def build_app(settings: Settings) -> Starlette:
     client = httpx.AsyncClient(base_url=settings.upstream, timeout=httpx.Timeout(None, connect=10.0),
-                               limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+                               limits=httpx.Limits(max_connections=None, max_keepalive_connections=0))
 
     async def proxy(request: Request) -> Response:
         started = time.perf_counter()
@@ -178,18 +178,21 @@ def build_app(settings: Settings) -> Starlette:
 
         async def relay():
             pending = b""
-            async for part in resp.aiter_raw():
-                if settings.verbose:
-                    seen.append(part)
-                if fixer is None:
-                    yield part
-                    continue
-                events, pending = split_events(pending + part)
-                for event in events:
-                    for out in fixer.feed(event):
-                        yield out
-            if pending:
-                yield pending
+            try:
+                async for part in resp.aiter_raw():
+                    if settings.verbose:
+                        seen.append(part)
+                    if fixer is None:
+                        yield part
+                        continue
+                    events, pending = split_events(pending + part)
+                    for event in events:
+                        for out in fixer.feed(event):
+                            yield out
+                if pending:
+                    yield pending
+            finally:
+                await resp.aclose()      # a client that hangs up closes llama-server's stream: it frees the slot
 
         def done():
             _log(settings, label, resp.status_code, started, body, b"".join(seen), stream=True)

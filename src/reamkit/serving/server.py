@@ -54,6 +54,8 @@ def check_options(opts: ServeOptions) -> None:
         raise ReamkitError(f"--parallel {opts.parallel} must be at least 1")
     if opts.cache_type not in CACHE_TYPES:
         raise ReamkitError(f"--cache-type {opts.cache_type} is not one of {', '.join(CACHE_TYPES)}")
+    if opts.max_body_mb <= 0:
+        raise ReamkitError(f"--max-body-mb {opts.max_body_mb} must be positive")
     if opts.api_key is not None and not opts.api_key.strip():
         raise ReamkitError("--api-key is empty")
     if opts.chat_template_file and not Path(opts.chat_template_file).is_file():
@@ -173,11 +175,11 @@ def serve(model: str | Path, opts: ServeOptions, *, variant: str | None = None, 
     from .proxy import Settings, build_app
 
     check_options(opts)
-    gguf = resolve_model(model, variant)
-    tc = find_toolchain()
     if not is_loopback(opts.host) and not opts.api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
                     "(pass --api-key)", opts.host)
+    gguf = resolve_model(model, variant)
+    tc = find_toolchain()
     port = opts.port or free_port()
     with socket.socket() as s:             # fail fast, before loading a model, if the port is taken
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
