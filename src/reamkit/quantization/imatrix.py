@@ -154,16 +154,10 @@ def imatrix_from_observations(observations: Path, inv: Inventory, out: Path) -> 
     ``counts`` for ``ffn_{gate,up}_exps`` and ``ffn_down_exps``.
     """
     from gguf import GGUFWriter
-    from safetensors.numpy import load_file
+    from safetensors.torch import load_file
 
-    try:
-        obs = load_file(str(observations))
-    except Exception as e:  # noqa: BLE001 - unreadable file is a user error
-        raise ReamkitError(f"cannot read compression observations {observations}: {e}") from None
-    shapes = {t.name: t.shape for t in inv.tensors}
-    blocks = sorted({int(m.group(1)) for k in obs if (m := re.match(r"layers\.(\d+)\.expert_tokens$", k))})
-    if not blocks:
-        raise ReamkitError(f"{observations} holds no layers.N.expert_tokens; is it a compression observations file?")
+    blocks = check_observations(observations, inv)
+    obs = {k: v.float().numpy() for k, v in load_file(str(observations)).items()}
     writer = GGUFWriter(str(out), arch="imatrix", use_temp_file=False)
     writer.add_type("imatrix")
     writer.add_array("imatrix.datasets", [f"reamkit compression observations ({Path(observations).name})"])
@@ -173,14 +167,7 @@ def imatrix_from_observations(observations: Path, inv: Inventory, out: Path) -> 
         tokens_max = max(tokens_max, int(counts.max()))
         for tensor, key in _EXPERT_INPUTS.items():
             name = f"blk.{i}.{tensor}.weight"
-            sums = obs.get(f"layers.{i}.{key}")
-            if sums is None:
-                raise ReamkitError(f"{observations} lacks layers.{i}.{key}")
-            shape = shapes.get(name)
-            if shape is None or tuple(sums.shape) != (shape[2], shape[0]) or counts.shape[0] != shape[2]:
-                want = f"[{shape[2]}, {shape[0]}]" if shape else "no such tensor"
-                raise ReamkitError(f"compression observations {observations} are for another model: "
-                                   f"layers.{i}.{key} is {list(sums.shape)}, this model's {name} needs {want}")
+            sums = obs[f"layers.{i}.{key}"]
             writer.add_tensor(f"{name}.in_sum2", np.ascontiguousarray(sums, dtype=np.float32))
             writer.add_tensor(f"{name}.counts", counts)
     writer.add_uint32("imatrix.chunk_count", 1)
@@ -189,6 +176,33 @@ def imatrix_from_observations(observations: Path, inv: Inventory, out: Path) -> 
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def check_observations(observations: Path, inv: Inventory) -> list[int]:
+    """The MoE blocks of a compression statistics file, after checking (from its header alone) that every
+    block's shapes fit this model's expert tensors; a file for another model is one clear error."""
+    from ..checkpoint.safetensors_header import read_header
+
+    try:
+        entries = read_header(Path(observations))[0]
+    except ReamkitError as e:
+        raise ReamkitError(f"cannot read compression observations {observations}: {e.problem}") from None
+    shapes = {t.name: t.shape for t in inv.tensors}
+    blocks = sorted({int(m.group(1)) for k in entries if (m := re.match(r"layers\.(\d+)\.expert_tokens$", k))})
+    if not blocks:
+        raise ReamkitError(f"{observations} holds no layers.N.expert_tokens; is it a compression observations file?")
+    for i in blocks:
+        for tensor, key in _EXPERT_INPUTS.items():
+            name, entry = f"blk.{i}.{tensor}.weight", entries.get(f"layers.{i}.{key}")
+            if entry is None:
+                raise ReamkitError(f"{observations} lacks layers.{i}.{key}")
+            shape = shapes.get(name)
+            tokens = entries[f"layers.{i}.expert_tokens"].shape
+            if shape is None or tuple(entry.shape) != (shape[2], shape[0]) or tuple(tokens) != (shape[2],):
+                want = f"[{shape[2]}, {shape[0]}]" if shape else "no such tensor"
+                raise ReamkitError(f"compression observations {observations} are for another model: "
+                                   f"layers.{i}.{key} is {list(entry.shape)}, this model's {name} needs {want}")
+    return blocks
 
 
 def find_observations(model: Path) -> Path | None:

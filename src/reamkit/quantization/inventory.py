@@ -138,7 +138,9 @@ def open_gguf(path: Path):
             raise ReamkitError(f"{path} is not a GGUF file (no GGUF magic)")
     try:
         reader = GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001 - any parse failure means a damaged header
+    except Exception as e:  # noqa: BLE001 - any parse failure means a damaged file
+        if "reshape" in str(e) or "offset" in str(e):      # the tensor data ends before the header says
+            raise ReamkitError(f"{path} is truncated: the file ends inside its tensor data") from None
         raise ReamkitError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})") from None
     size = path.stat().st_size
     end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)

@@ -153,7 +153,8 @@ def _check_imatrix_arg(arg: str, inv: Inventory) -> str | Path:
     if not path.is_file():
         raise ReamkitError(f"imatrix file {path} does not exist", fix="pass an imatrix GGUF, auto or none")
     if path.suffix == ".safetensors":
-        return path                                   # checked when converted (needs its tensors)
+        im.check_observations(path, inv)
+        return path
     im.check_fits(path, inv)
     return path
 
