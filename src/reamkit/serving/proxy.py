@@ -66,7 +66,7 @@ def authorized(request: Request, key: str) -> bool:
 
 
 OPENAI_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
-ANTHROPIC_ROLES = {"user", "assistant"}
+ANTHROPIC_ROLES = {"user", "assistant", "system"}   # Claude Code sends system turns inside messages too
 # Block types of the Messages API that a client may send back; llama-server silently drops any other.
 ANTHROPIC_BLOCKS = {"text", "image", "document", "tool_use", "tool_result", "thinking", "redacted_thinking",
                     "search_result", "server_tool_use", "web_search_tool_result", "web_fetch_tool_result",

@@ -197,7 +197,12 @@ def serve(model: str | Path, opts: ServeOptions, *, variant: str | None = None, 
         child.wait_healthy(opts.startup_timeout)
         props = child.get("/props")
         n_ctx = int((props.get("default_generation_settings") or {}).get("n_ctx") or opts.ctx)
+        if n_ctx < opts.ctx:
+            log.warning("llama-server caps the context at %d tokens (the model's training context), not --ctx %d",
+                        n_ctx, opts.ctx)
         template = props.get("chat_template") or ""
+        if not template:
+            log.warning("the GGUF has no chat template: chat requests will use llama-server's fallback format")
         from .qwen3_coder import is_qwen3_coder_template
 
         settings = Settings(child.url, key, opts.api_key, n_ctx, is_qwen3_coder_template(template),
