@@ -74,6 +74,36 @@ def test_config_expert_count_disagrees_with_weights(qwen3_moe_copy, tmp_path):
     assert_nothing_written(tmp_path, {"model"})
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_is_refused_with_its_name(qwen3_moe_copy, tmp_path, bad):
+    """One NaN (or Inf) in one tensor: convert refuses, naming the tensor, and so does every stage that reads
+    weights (copying a checkpoint, running it layer by layer)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from reamkit.errors import CheckpointError
+    from reamkit.models import open_model
+    from reamkit.runtime import LayerwiseModel
+
+    name = "model.layers.2.mlp.experts.5.down_proj.weight"
+    index = json.loads((qwen3_moe_copy / "model.safetensors.index.json").read_text())
+    shard = qwen3_moe_copy / index["weight_map"][name]
+    tensors = load_file(str(shard))
+    tensors[name][17, 3] = bad
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+    res = run_cli("convert", qwen3_moe_copy, "-o", tmp_path / "out.gguf")
+    assert_one_line_error(res, f"tensor '{name}'", "1 NaN/Inf value(s)", shard.name)
+    assert_nothing_written(tmp_path, {"model"})
+
+    model = open_model(qwen3_moe_copy)                   # opening reads headers only
+    with pytest.raises(CheckpointError, match=name):
+        write_checkpoint(model.checkpoint, tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+    with pytest.raises(CheckpointError, match=name):
+        LayerwiseModel(model).forward(torch.tensor([[1, 2, 3]]))
+
+
 def test_unsupported_architecture(qwen3_moe_copy, tmp_path):
     cfg_path = qwen3_moe_copy / "config.json"
     cfg = json.loads(cfg_path.read_text())
