@@ -1,9 +1,11 @@
 """The one pinned llama.cpp: locate its tools and converter, report versions, run tools with clean errors.
 
-``scripts/bootstrap.sh`` builds llama-cpp-python 0.3.36 (vendoring llama.cpp 0c1e57098) once into a cache
+``scripts/bootstrap.sh`` builds the pinned llama-cpp-python sdist (its sha256 checked first) once into a cache
 outside the repo, as one wheel carrying the Python bindings and the tools, and keeps the same source's
 ``convert_hf_to_gguf.py`` + ``conversion/`` + ``gguf-py/`` next to it. Converter, quantizer, imatrix,
-perplexity, bench and server therefore all come from one llama.cpp commit.
+perplexity, bench and server therefore all come from one llama.cpp commit, which the tools themselves report.
+
+Every version comes from ``constraints.txt`` (:func:`pins`); nothing here repeats one.
 """
 
 from __future__ import annotations
@@ -12,18 +14,68 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
 from .errors import ToolchainError
 
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-LLAMA_CPP_COMMIT = "0c1e57098"
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-server")
 FIX = "run scripts/bootstrap.sh"
 SRC_POINTER = "reamkit-llama-cpp-src"   # file in the venv naming the converter source folder
+SDIST_SHA_FILE = "sdist.sha256"         # written by the bootstrap next to the converter: sha256 of what it built
+CONSTRAINTS = "constraints.txt"
+_PIN_RE = re.compile(r"^([A-Za-z0-9_.-]+)==([^\s;#]+)")
+_EXTRA_PIN_RE = re.compile(r"^#\s*pin:\s*(\S+)\s+(\S+)")
+
+
+@dataclass(frozen=True)
+class Pins:
+    """What ``constraints.txt`` pins: exact package versions, and the llama.cpp source they build."""
+
+    packages: dict[str, str] = field(default_factory=dict)     # normalised name -> exact version
+    extra: dict[str, str] = field(default_factory=dict)        # "# pin: key value" lines
+
+    def version(self, dist: str) -> str:
+        return self.packages[_norm(dist)]
+
+    @property
+    def llama_cpp_python(self) -> str:
+        return self.version("llama-cpp-python")
+
+    @property
+    def llama_cpp_commit(self) -> str:
+        return self.extra["llama.cpp-commit"]
+
+    @property
+    def sdist_sha256(self) -> str:
+        return self.extra["llama-cpp-python-sdist-sha256"]
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def constraints_file() -> Path:
+    """``constraints.txt`` of this checkout, or the copy a non-editable install puts under ``share/reamkit``."""
+    for candidate in (Path(__file__).resolve().parents[2] / CONSTRAINTS,
+                      Path(sys.prefix) / "share" / "reamkit" / CONSTRAINTS):
+        if candidate.is_file():
+            return candidate
+    raise ToolchainError("constraints.txt (reamkit's version pins) was not found", fix="reinstall reamkit: " + FIX)
+
+
+@lru_cache(maxsize=1)
+def pins() -> Pins:
+    out = Pins()
+    for line in constraints_file().read_text().splitlines():
+        line = line.strip()
+        if m := _PIN_RE.match(line):
+            out.packages[_norm(m.group(1))] = m.group(2)
+        elif m := _EXTRA_PIN_RE.match(line):
+            out.extra[m.group(1)] = m.group(2)
+    return out
 
 
 @dataclass(frozen=True)
@@ -88,19 +140,24 @@ def src_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def find_toolchain() -> Toolchain:
-    """The pinned toolchain, or a one-line ToolchainError saying how to get it."""
+    """The pinned toolchain, or a one-line ToolchainError saying how to get it.
+
+    The commit is the one the built tools report of themselves, and must be the pinned one."""
+    p = pins()
     version = installed_version("llama_cpp_python")
     if version is None:
-        raise ToolchainError("llama-cpp-python is not installed", fix=FIX)
-    if version != LLAMA_CPP_PYTHON_VERSION:
-        raise ToolchainError(f"llama-cpp-python {version} is installed, reamkit pins {LLAMA_CPP_PYTHON_VERSION}", fix=FIX)
+        raise ToolchainError("llama.cpp (llama-cpp-python with its tools) is not installed", fix=FIX)
+    if version != p.llama_cpp_python:
+        raise ToolchainError(f"llama-cpp-python {version} is installed, reamkit pins {p.llama_cpp_python}", fix=FIX)
     src = src_dir()
-    commit_file = src.parent / "commit.txt"
-    commit = commit_file.read_text().strip() if commit_file.is_file() else LLAMA_CPP_COMMIT
-    tc = Toolchain(bin_dir=bin_dir(), src_dir=src, commit=commit)
+    tc = Toolchain(bin_dir=bin_dir(), src_dir=src, commit="")
     for name in TOOLS:
         tc.tool(name)
-    return tc
+    commit = tool_build(tc)
+    if not (commit.startswith(p.llama_cpp_commit) or p.llama_cpp_commit.startswith(commit)):
+        raise ToolchainError(f"the llama.cpp tools were built from commit {commit}, reamkit pins "
+                             f"{p.llama_cpp_commit}", fix=FIX)
+    return Toolchain(bin_dir=tc.bin_dir, src_dir=src, commit=commit)
 
 
 def installed_version(dist: str) -> str | None:
@@ -116,8 +173,14 @@ def tool_build(tc: Toolchain) -> str:
     text = (proc.stdout + proc.stderr)
     m = re.search(r"commit ([0-9a-f]{7,40})", text)
     if proc.returncode != 0 or not m:
-        raise ToolchainError(f"llama-server --version failed: {last_error_line(text)}", fix=FIX)
+        raise ToolchainError(f"llama-server --version does not report its commit: {last_error_line(text)}", fix=FIX)
     return m.group(1)
+
+
+def built_sdist_sha256(tc: Toolchain) -> str | None:
+    """sha256 of the llama-cpp-python sdist this toolchain was built from, as the bootstrap recorded it."""
+    f = tc.src_dir.parent / SDIST_SHA_FILE
+    return f.read_text().split()[0] if f.is_file() else None
 
 
 @dataclass
@@ -128,24 +191,32 @@ class Check:
     fix: str = ""
 
 
+PYTHON_PACKAGES = ("torch", "transformers", "gguf", "numpy", "safetensors", "tokenizers", "sentencepiece",
+                   "huggingface_hub")
+
+
 def doctor_checks() -> list[Check]:
     """Everything reamkit needs, each with its version or path, or the one-line fix."""
     checks: list[Check] = []
-    pins = {"torch": "2.13.0", "transformers": "5.23.", "gguf": "0.19.0", "safetensors": None,
-            "tokenizers": None, "sentencepiece": None, "huggingface_hub": None}
-    for dist, pin in pins.items():
+    try:
+        p = pins()
+    except ToolchainError as e:
+        return [Check("version pins", False, e.problem, e.fix or FIX)]
+    for dist in PYTHON_PACKAGES:
         v = installed_version(dist)
+        pin = p.packages.get(_norm(dist))
         if v is None:
             checks.append(Check(dist, False, "not installed", FIX))
-        elif pin and not v.startswith(pin):
-            checks.append(Check(dist, False, f"{v} (reamkit pins {pin}*)", FIX))
+        elif pin and v.split("+")[0] != pin:
+            checks.append(Check(dist, False, f"{v} (reamkit pins {pin})", FIX))
         else:
             checks.append(Check(dist, True, v))
     try:
         import torch
 
         if torch.version.cuda:
-            checks.append(Check("torch build", False, f"CUDA build {torch.__version__}", "reinstall torch==2.13.0+cpu: " + FIX))
+            checks.append(Check("torch build", False, f"CUDA build {torch.__version__}",
+                                f"reinstall the CPU build of torch: {FIX}"))
         else:
             checks.append(Check("torch build", True, f"CPU ({torch.__version__})"))
     except ImportError:
@@ -156,12 +227,14 @@ def doctor_checks() -> list[Check]:
         checks.append(Check("llama.cpp", False, e.problem, e.fix or FIX))
         return checks
     checks.append(Check("llama-cpp-python", True, installed_version("llama_cpp_python") or "?"))
-    try:
-        built = tool_build(tc)
-        ok = built.startswith(LLAMA_CPP_COMMIT[:7])
-        checks.append(Check("llama.cpp commit", ok, built if ok else f"{built} (expected {LLAMA_CPP_COMMIT})", "" if ok else FIX))
-    except ToolchainError as e:
-        checks.append(Check("llama.cpp commit", False, e.problem, FIX))
+    checks.append(Check("llama.cpp commit", True, f"{tc.commit} (reported by the built tools)"))
+    sha = built_sdist_sha256(tc)
+    if sha == p.sdist_sha256:
+        checks.append(Check("llama.cpp source", True, f"sdist sha256 {sha[:16]}... as pinned"))
+    else:
+        checks.append(Check("llama.cpp source", False,
+                            f"built from an sdist with sha256 {sha or 'unrecorded'}, reamkit pins {p.sdist_sha256}",
+                            FIX))
     for name in TOOLS:
         checks.append(Check(name, True, str(tc.tool(name))))
     checks.append(Check("convert_hf_to_gguf.py", True, str(tc.converter)))

@@ -6,17 +6,17 @@ so K-quants apply. Routers are scaled x8 so top-k choices have clear margins (no
 an expert between two numerically-equal implementations) and ``lm_head`` x4 so logits are peaked; every
 1-D parameter (norms, ``A_log``, ``dt_bias``) is perturbed so that conversion bugs show up.
 
-Builds are cached under ``~/.cache/reamkit/zoo`` keyed by the spec and library versions.
+Builds are cached under ``cache_root()/zoo`` keyed by the spec and library versions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
+from ..cache import cache_root
 from ..errors import ReamkitError
 from ..fsutil import atomic_dir
 from ..manifest import Manifest, existing_output_is_current, manifest_path_for, write_manifest
@@ -49,12 +49,6 @@ FAMILIES: dict[str, dict] = {
     },
 }
 ROUTER_SCALE, HEAD_SCALE, PERTURB = 8.0, 4.0, 0.1
-
-
-def cache_root() -> Path:
-    base = os.environ.get("REAMKIT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "reamkit")
-    return Path(base)
 
 
 def spec_for(family: str, **overrides) -> dict:
