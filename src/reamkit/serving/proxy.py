@@ -243,8 +243,9 @@ def _last_user_text(body: dict) -> str:
     for msg in reversed(body.get("messages") or []):
         if isinstance(msg, dict) and msg.get("role") == "user":
             content = msg.get("content")
-            if isinstance(content, list):
-                return " ".join(b.get("text", "") for b in content if isinstance(b, dict))
+            if isinstance(content, list):     # the newest text block: agents put reminders before the prompt
+                texts = [b.get("text", "") for b in content if isinstance(b, dict) and b.get("text")]
+                return texts[-1] if texts else ""
             return str(content or "")
     return str(body.get("prompt", ""))
 
