@@ -62,6 +62,20 @@ def streamed_tps(url: str, key: str, tokens: int, runs: int) -> float:
     return statistics.median(speeds[1:])
 
 
+def request_ms(url: str, key: str, n: int = 40) -> float:
+    """Median wall time of a one-token, non-streamed chat completion (the per-request cost of each layer)."""
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
+    times = []
+    for _ in range(n + 2):
+        req = urllib.request.Request(url + "/v1/chat/completions", data=body, headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=60) as r:
+            r.read()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times[2:])
+
+
 def wait_health(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -110,6 +124,7 @@ def main() -> None:
     try:
         wait_health(f"http://127.0.0.1:{port}", direct)
         raw = streamed_tps(f"http://127.0.0.1:{port}", key, args.tokens, args.runs)
+        raw_ms = request_ms(f"http://127.0.0.1:{port}", key)
     finally:
         stop(direct)
 
@@ -120,6 +135,7 @@ def main() -> None:
         wait_health(f"http://127.0.0.1:{port}", served)
         time.sleep(0.5)
         via = streamed_tps(f"http://127.0.0.1:{port}", key, args.tokens, args.runs)
+        via_ms = request_ms(f"http://127.0.0.1:{port}", key)
     finally:
         stop(served)
 
@@ -128,6 +144,8 @@ def main() -> None:
     print(f"  llama-server (direct): {raw:9.1f} tok/s   {raw / bench:.3f} of llama-bench")
     print(f"  reamkit serve:         {via:9.1f} tok/s   {via / bench:.3f} of llama-bench, "
           f"{via / raw:.3f} of llama-server")
+    print(f"  one-token request:     {raw_ms:.1f} ms direct, {via_ms:.1f} ms through reamkit serve "
+          f"(+{via_ms - raw_ms:.1f} ms per request)")
     print(f"serve/bench ratio: {via / bench:.3f} (target >= 0.95)")
 
 

@@ -43,9 +43,10 @@ HOP_HEADERS = {"host", "content-length", "authorization", "x-api-key", "connecti
 
 class Settings:
     def __init__(self, upstream: str, upstream_key: str, api_key: str | None, n_ctx: int,
-                 qwen3_coder_tools: bool, max_body: int, verbose: bool = False):
+                 qwen3_coder_tools: bool, max_body: int, verbose: bool = False, keepalive: int = 4):
         self.upstream, self.upstream_key, self.api_key = upstream, upstream_key, api_key
         self.n_ctx, self.qwen3_coder_tools, self.max_body, self.verbose = n_ctx, qwen3_coder_tools, max_body, verbose
+        self.keepalive = keepalive
 
 
 def error(path: str, status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
@@ -112,8 +113,11 @@ def check_body(body: object, n_ctx: int, api: str | None = None) -> str | None:
 
 
 def build_app(settings: Settings) -> Starlette:
+    # llama-server serves each connection on one of its HTTP threads (slots + 4 or more) for as long as the
+    # connection lives, so keep at most one idle connection per slot: reuse saves a connect per request, and
+    # idle connections never hold every thread while requests wait.
     client = httpx.AsyncClient(base_url=settings.upstream, timeout=httpx.Timeout(None, connect=10.0),
-                               limits=httpx.Limits(max_connections=None, max_keepalive_connections=0))
+                               limits=httpx.Limits(max_connections=None, max_keepalive_connections=settings.keepalive))
 
     async def proxy(request: Request) -> Response:
         started = time.perf_counter()

@@ -206,7 +206,7 @@ def serve(model: str | Path, opts: ServeOptions, *, variant: str | None = None, 
         from .qwen3_coder import is_qwen3_coder_template
 
         settings = Settings(child.url, key, opts.api_key, n_ctx, is_qwen3_coder_template(template),
-                            int(opts.max_body_mb * 2**20), opts.verbose)
+                            int(opts.max_body_mb * 2**20), opts.verbose, int(props.get("total_slots") or opts.parallel))
         config = uvicorn.Config(build_app(settings), host=opts.host, port=port, log_level="warning",
                                 access_log=False, timeout_keep_alive=30, lifespan="on")
         server = uvicorn.Server(config)
