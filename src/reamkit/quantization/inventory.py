@@ -24,6 +24,7 @@ class Inventory:
     arch: str                 # GGUF architecture name
     tensors: tuple[Tensor, ...]
     facts: ModelFacts
+    header_bytes: int = 0     # a GGUF's header incl. padding (where its tensor data starts); 0 from a config
 
     @property
     def n_elements(self) -> int:
@@ -122,7 +123,7 @@ def inventory_from_gguf(path: Path) -> Inventory:
     n_kv = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
     n_exp = int(_field(reader, f"{arch}.expert_count", 0))
     tensors = tuple(Tensor(t.name, tuple(int(d) for d in t.shape), t.tensor_type.name) for t in reader.tensors)
-    return Inventory(arch=arch, tensors=tensors,
+    return Inventory(arch=arch, tensors=tensors, header_bytes=int(reader.data_offset),
                      facts=ModelFacts(n_layer=n_layer, n_expert=n_exp, n_head=n_head, n_head_kv=n_kv))
 
 

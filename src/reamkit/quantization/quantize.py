@@ -26,7 +26,7 @@ from ..errors import ReamkitError, ToolchainError
 from ..fsutil import atomic_file
 from ..manifest import Manifest, existing_output_is_current, manifest_path_for, read_manifest, stage_key, write_manifest
 from . import imatrix as im
-from .inventory import Inventory, inventory_from_config, inventory_from_gguf, open_gguf
+from .inventory import Inventory, inventory_from_config, inventory_from_gguf
 from .ladders import LADDERS, ladder_overrides, parse_types
 from .rules import FILE_TYPES, REFERENCE_TYPES, choose_types
 from .runner import run_tool
@@ -89,7 +89,7 @@ def quantize_model(model: str | Path, out_dir: Path, opts: QuantizeOptions | Non
 
     out_dir.mkdir(parents=True, exist_ok=True)
     reference = src.materialize()
-    inv = inventory_from_gguf(reference)
+    inv = src.inventory if src.model is None else inventory_from_gguf(reference)   # parse each GGUF once
     ref_key = _file_key(reference)
     info = _resolve_imatrix(imatrix_arg, model, reference, ref_key, inv, src.name, out_dir, opts)
     warnings = []
@@ -97,7 +97,7 @@ def quantize_model(model: str | Path, out_dir: Path, opts: QuantizeOptions | Non
         low = {b: f"{c:.0%}" for b, c in info.coverage.items() if c < 1.0}
         warnings.append(f"imatrix expert coverage below 100% in {len(low)} block(s): {low}; experts that saw no "
                         "calibration data are quantized with uniform importance")
-    header = open_gguf(reference).data_offset + _EXTRA_KV_BYTES
+    header = inv.header_bytes + _EXTRA_KV_BYTES
     variants = _run_ladder(reference, ref_key, inv, header, src.name, out_dir, file_types, info, opts)
     return QuantizeResult(reference=reference, variants=variants, imatrix=info, warnings=warnings)
 

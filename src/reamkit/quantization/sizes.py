@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import ReamkitError
-from .inventory import Inventory, inventory_from_config, inventory_from_gguf, open_gguf
+from .inventory import Inventory, inventory_from_config, inventory_from_gguf
 from .ladders import LADDERS, ladder_overrides, parse_types
 from .rules import choose_types, file_bpw, tensor_bytes
 
@@ -63,7 +63,7 @@ def predict_sizes(model: str | Path, *, types: list[str] | None = None, experts:
         if experts is not None:
             raise ReamkitError("--experts applies to a config, not to a GGUF (whose expert count is fixed)")
         inv = inventory_from_gguf(path)
-        header = open_gguf(path).data_offset + _QUANT_KV_BYTES
+        header = inv.header_bytes + _QUANT_KV_BYTES
     else:
         cfg_path = path / "config.json" if path.is_dir() else path
         if not cfg_path.is_file():
