@@ -144,7 +144,7 @@ def test_killed_run_resumes_without_corrupt_files(ref, tmp_path):
     assert {n: (out / n).stat().st_mtime_ns for n in done_before} == done_before
 
 
-def test_row_length_fallback_is_predicted_and_reported(tmp_path, zoo_odd=None):
+def test_row_length_fallback_is_predicted_and_reported(tmp_path):
     """Expert width 320 is no multiple of 256: K-quants fall back on those tensors, as predicted."""
     model = build_cached(FAMILY, moe_intermediate_size=320)
     ref = reference_gguf(FAMILY + "-odd320", model, tmp_path)

@@ -28,7 +28,7 @@ from ..manifest import Manifest, existing_output_is_current, manifest_path_for, 
 from . import imatrix as im
 from .inventory import Inventory, inventory_from_config, inventory_from_gguf
 from .ladders import LADDERS, ladder_overrides, parse_types
-from .rules import FILE_TYPES, REFERENCE_TYPES, choose_types
+from .rules import REFERENCE_TYPES, choose_types
 from .runner import run_tool
 from .sizes import _num, data_bytes, estimate_header_bytes, pad
 

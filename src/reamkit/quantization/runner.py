@@ -45,7 +45,3 @@ def run_tool(name: str, args: list, *, on_line: Callable[[str], None] | None = N
         why = f"killed by signal {-rc}" if rc < 0 else f"exit {rc}"
         raise ToolchainError(f"{name} failed ({why}): {last_error_line(chr(10).join(tail))}")
     return lines
-
-
-def tool_path(name: str) -> Path:
-    return find_toolchain().tool(name)
