@@ -155,3 +155,19 @@ def test_row_length_fallback_is_predicted_and_reported(tmp_path):
         assert abs(v.predicted_bytes / v.bytes - 1) < 0.001
     types = tensor_types(result.variants[0].path)
     assert {types[f"blk.{i}.ffn_down_exps.weight"] for i in range(4)} <= {"Q5_0", "Q8_0"}   # Q4_K / Q6_K fell back
+
+
+def test_cli_quantizes_an_hf_folder_and_keeps_the_reference(tmp_path):
+    from reamkit.zoo import write_zoo_model
+
+    model = write_zoo_model(FAMILY, tmp_path / "tiny-moe")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["quantize", str(model), "-o", str(out), "--types", "Q4_K_M", "--imatrix", "none"])
+    assert res.exit_code == 0, res.output
+    assert "tiny-moe.Q4_K_M.gguf" in res.output and "written" in res.output
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["tiny-moe.F16.gguf", "tiny-moe.F16.gguf.manifest.json", "tiny-moe.Q4_K_M.gguf",
+                     "tiny-moe.Q4_K_M.gguf.manifest.json"]            # the reference is kept for evaluation
+    assert tensor_types(out / "tiny-moe.F16.gguf")["blk.0.ffn_up_exps.weight"] == "F16"
+    again = CliRunner().invoke(app, ["quantize", str(model), "-o", str(out), "--types", "Q4_K_M", "--imatrix", "none"])
+    assert again.exit_code == 0 and "up to date" in again.output
