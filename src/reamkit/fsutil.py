@@ -71,6 +71,26 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def atomic_replace_dir(target: Path) -> Iterator[Path]:
+    """Like :func:`atomic_dir`, but an existing ``target`` is replaced once the new folder is complete.
+
+    The old folder is renamed aside, the new one renamed into place, and only then is the old one removed,
+    so at every moment one complete version exists under ``target`` or its ``.old`` sibling.
+    """
+    target = Path(target)
+    staging = target.with_name(f".{target.name}.new")
+    if staging.exists():
+        shutil.rmtree(staging)
+    with atomic_dir(staging) as tmp:
+        yield tmp
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_file(target: Path) -> Iterator[Path]:
     """Yield a temporary path in ``target``'s folder that is renamed onto ``target`` on success."""
     target = Path(target)
