@@ -27,6 +27,7 @@ err = Console(stderr=True)
 
 
 class Family(str, Enum):
+    demo = "demo"
     qwen3_next = "qwen3_next"
     qwen3_moe = "qwen3_moe"
     mixtral = "mixtral"
@@ -78,9 +79,16 @@ def zoo(
     seed: Annotated[int, typer.Option(help="random seed of the weights")] = 0,
     mtp: Annotated[bool, typer.Option("--mtp", help="add a Hub-style mtp.* block (qwen3_next only)")] = False,
 ) -> None:
-    """Write a tiny, deterministic model of FAMILY as a Hugging Face model folder."""
-    from .zoo import write_zoo_model
+    """Write a tiny model of FAMILY as a Hugging Face model folder: ``demo`` is the built-in trained coding
+    model (real, specialised experts); the families are deterministic random-weight models for tests."""
+    from .zoo import write_demo_model, write_zoo_model
 
+    if family is Family.demo:
+        if mtp or seed:
+            raise ReamkitError("the trained demo model has fixed weights: --seed and --mtp apply to the families")
+        path = write_demo_model(output)
+        out.print(f"wrote the trained demo model (demo-coder) to {path}")
+        return
     with err.status(f"building tiny {family.value} model"):
         path = write_zoo_model(family.value, output, seed=seed, mtp=mtp)
     out.print(f"wrote {family.value} model to {path}")

@@ -175,3 +175,27 @@ def write_zoo_model(family: str, out_dir: Path, *, seed: int = 0, mtp: bool = Fa
         for f in cached.iterdir():
             shutil.copy2(f, tmp / f.name)
     return out_dir
+
+
+DEMO_MODEL = Path(__file__).parent / "demo-coder"
+
+
+def write_demo_model(out_dir: Path) -> Path:
+    """Write the built-in trained demo model (``demo-coder``, shipped inside the package) to ``out_dir``.
+
+    Rerunning writes nothing; an ``out_dir`` holding anything else is refused.
+    """
+    if not (DEMO_MODEL / "config.json").is_file():
+        raise ReamkitError(f"the built-in demo model is missing from {DEMO_MODEL} (an incomplete installation)",
+                           fix="reinstall reamkit")
+    files = sorted(f for f in DEMO_MODEL.iterdir() if f.is_file())
+    key = hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()[:16]
+    out_dir = Path(out_dir)
+    if existing_output_is_current(out_dir, key, "model", folder=True):
+        return out_dir
+    with atomic_dir(out_dir) as tmp:
+        for f in files:
+            shutil.copy2(f, tmp / f.name)
+        write_manifest(manifest_path_for(tmp, folder=True), Manifest(
+            stage="zoo", key=key, inputs={"model": "demo-coder"}, params={}))
+    return out_dir
