@@ -269,3 +269,20 @@ def test_methods_are_deterministic():
         a, pa = compress_block(block, x, method, 10)
         b, pb = compress_block(block, x, method, 10)
         assert pa.to_json() == pb.to_json() and torch.equal(a.experts.gate, b.experts.gate)
+
+
+def test_ream_without_merging_is_the_original_restricted_to_the_kept_experts():
+    """--merging none: the layer computes exactly what the original computes when the dropped experts can
+    never be chosen (their router logits at -inf); kept router rows unchanged and in order."""
+    gen = torch.Generator().manual_seed(13)
+    block, x = make_block(gen), tokens(gen, 256)
+    small, plan = compress_block(block, x, "ream", 10, merging="none")
+    assert all(len(g.members) == 1 for g in plan.groups) and len(plan.dropped) == 6
+    assert torch.equal(small.router, block.router[plan.kept])
+    masked = MoEBlock(block.router.clone(), block.experts, block.routing, block.shared, block.shared_gate)
+    masked_logits = masked.router_logits(x)
+    masked_logits[:, plan.dropped] = float("-inf")
+    g = masked.gates(masked_logits)
+    outs = block.expert_down(block.expert_hidden(x))
+    expected = torch.einsum("tn,nth->th", g, outs) + block.shared_term(x)
+    assert torch.allclose(small.forward(x), expected, atol=1e-5)
