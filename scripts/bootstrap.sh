@@ -10,6 +10,8 @@
 #
 # Environment:
 #   REAMKIT_CACHE_DIR        cache root (default: ${XDG_CACHE_HOME:-~/.cache}/reamkit)
+#   REAMKIT_TORCH            cpu (default) or cuda: the CUDA build of the pinned torch for GPU compression
+#                            (asked for explicitly; otherwise nothing may pull a CUDA torch)
 #   REAMKIT_LLAMA_CMAKE_ARGS extra CMake flags for llama.cpp, e.g. "-DGGML_CUDA=ON" on a GPU box
 #                            (part of the cache key, so each flavour is built once)
 #   PYTHON                   interpreter for the venv (default: python3.11, else python3.12, 3.13, python3)
@@ -62,20 +64,29 @@ fi
 
 # ---------------------------------------------------------------- pinned python deps
 # Stamp = hash of everything that decides the install; a warm venv skips pip entirely.
-deps_key=$(cat constraints.txt pyproject.toml | sha256sum | cut -c1-16)
+TORCH_FLAVOUR="${REAMKIT_TORCH:-cpu}"
+case "$TORCH_FLAVOUR" in cpu|cuda) ;; *) die "REAMKIT_TORCH must be cpu or cuda, not '$TORCH_FLAVOUR'";; esac
+deps_key=$( (cat constraints.txt pyproject.toml; echo "$TORCH_FLAVOUR") | sha256sum | cut -c1-16)
 if [ "$(cat "$VENV/.reamkit-deps" 2>/dev/null)" != "$deps_key" ]; then
-  say "installing pinned dependencies (torch $TORCH_VERSION CPU build first, so nothing pulls a CUDA torch)"
   "${PIP[@]}" install -U "pip>=24"
-  # torch==X+cpu comes from the PyTorch CPU index (or a local wheel via pip's find-links);
-  # PyPI's plain torch is a CUDA build on Linux, which we never want.
-  "${PIP[@]}" install -c constraints.txt "torch==$TORCH_VERSION+cpu" --retries 1 --timeout 20 \
-    --extra-index-url https://download.pytorch.org/whl/cpu
+  if [ "$TORCH_FLAVOUR" = cuda ]; then
+    say "installing pinned dependencies (torch $TORCH_VERSION CUDA build, as REAMKIT_TORCH=cuda asks)"
+    # PyPI's plain torch wheel for Linux is the CUDA build.
+    "${PIP[@]}" install -c constraints.txt "torch==$TORCH_VERSION"
+  else
+    say "installing pinned dependencies (torch $TORCH_VERSION CPU build first, so nothing pulls a CUDA torch)"
+    # torch==X+cpu comes from the PyTorch CPU index (or a local wheel via pip's find-links);
+    # PyPI's plain torch is a CUDA build on Linux, which we never want by accident.
+    "${PIP[@]}" install -c constraints.txt "torch==$TORCH_VERSION+cpu" --retries 1 --timeout 20 \
+      --extra-index-url https://download.pytorch.org/whl/cpu
+  fi
   "${PIP[@]}" install -c constraints.txt -e ".[dev]"
-  "$VENV/bin/python" - "$TORCH_VERSION" <<'PYEOF' \
-    || die "torch is not the $TORCH_VERSION CPU build: $("$VENV/bin/python" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
+  "$VENV/bin/python" - "$TORCH_VERSION" "$TORCH_FLAVOUR" <<'PYEOF' \
+    || die "torch is not the $TORCH_VERSION $TORCH_FLAVOUR build: $("$VENV/bin/python" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
 import sys, torch
-sys.exit(0 if torch.__version__.split("+")[0] == sys.argv[1] and not torch.version.cuda else 1)
+sys.exit(0 if torch.__version__.split("+")[0] == sys.argv[1] and bool(torch.version.cuda) == (sys.argv[2] == "cuda") else 1)
 PYEOF
+  echo "$TORCH_FLAVOUR" > "$VENV/.reamkit-torch"
   echo "$deps_key" > "$VENV/.reamkit-deps"
 else
   say "python dependencies up to date"

@@ -10,16 +10,25 @@ Every version comes from ``constraints.txt`` (:func:`pins`); nothing here repeat
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import platform
 import re
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
 from .errors import ToolchainError
+
+log = logging.getLogger(__name__)
 
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-server")
 FIX = "run scripts/bootstrap.sh"
@@ -97,9 +106,9 @@ class Toolchain:
     def run(self, name: str, args: list[str], *, timeout: float | None = None,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """Run a tool; a non-zero exit raises ToolchainError quoting the tool's last error line."""
-        cmd = [str(self.tool(name)), *map(str, args)]
+        cmd = [str(self.tool(name)), *map(str, args), *repack_args(name, args)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **(env or {})})
+                              env={**os.environ, **repack_env(name), **(env or {})})
         if proc.returncode != 0:
             raise ToolchainError(f"{name} failed (exit {proc.returncode}): {last_error_line(proc.stderr or proc.stdout)}")
         return proc
@@ -183,6 +192,143 @@ def built_sdist_sha256(tc: Toolchain) -> str | None:
     return f.read_text().split()[0] if f.is_file() else None
 
 
+# --- Weight repacking ("extra buffer types") -------------------------------------------------------------------
+# llama.cpp repacks quantized weights into CPU-specific layouts at load time. On CPUs that advertise AMX under a
+# hypervisor that does not enable it, those kernels die with SIGILL on every quantized GGUF (F16/F32 load fine).
+# Repacking changes speed, never results, so reamkit probes once per llama.cpp build and CPU whether it works and
+# turns it off everywhere it runs llama.cpp on a model when it does not.
+
+REPACK_OVERRIDE = "REAMKIT_REPACK"          # "0"/"1" skips the probe and forces the setting
+MODEL_TOOLS = ("llama-imatrix", "llama-perplexity", "llama-bench", "llama-server")   # tools that load a model
+_PROBE_SCRIPT = r"""
+import sys
+import llama_cpp.llama_cpp as capi
+from llama_cpp import Llama
+original = capi.llama_model_default_params
+def params():
+    p = original()
+    p.use_extra_bufts = True
+    return p
+capi.llama_model_default_params = params
+llm = Llama(model_path=sys.argv[1], n_ctx=64, n_threads=1, verbose=False)
+llm.eval(llm.tokenize(b"def add(a, b):\n    return a + b\n"))
+print("repack-probe-ok")
+"""
+
+
+@dataclass(frozen=True)
+class RepackDecision:
+    on: bool
+    reason: str          # "works on this CPU", "faults on this CPU (SIGILL)", "forced by REAMKIT_REPACK=0", ...
+
+
+def cpu_fingerprint() -> str:
+    """The CPU as llama.cpp sees it: model name and feature flags (so a cache shared between machines is safe)."""
+    text = ""
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace")
+        block = info.split("\n\n")[0]
+        text = "\n".join(ln for ln in block.splitlines() if ln.split(":")[0].strip() in ("model name", "flags"))
+    except OSError:
+        pass
+    return hashlib.sha256(f"{platform.machine()}|{platform.processor()}|{text}".encode()).hexdigest()[:12]
+
+
+def repack_probe_file(commit: str) -> Path:
+    from .cache import cache_root
+
+    return cache_root() / "probes" / f"repack-{commit}-{cpu_fingerprint()}.json"
+
+
+def probe_repack(tc: Toolchain, work: Path) -> RepackDecision:
+    """Quantize the built-in demo model to Q4_0 and load it with repacking on, in a child process."""
+    from .gguf import convert_to_gguf
+    from .zoo import DEMO_MODEL
+
+    f16, _ = convert_to_gguf(DEMO_MODEL, work / "demo.F16.gguf", dtype="f16")
+    q4 = work / "demo.Q4_0.gguf"
+    tc.run("llama-quantize", [f16, q4, "Q4_0"], timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _PROBE_SCRIPT, str(q4)], capture_output=True, text=True,
+                          timeout=600, stdin=subprocess.DEVNULL)
+    if proc.returncode == 0 and "repack-probe-ok" in proc.stdout:
+        return RepackDecision(True, "works on this CPU")
+    if proc.returncode < 0:
+        try:
+            sig = signal.Signals(-proc.returncode).name
+        except ValueError:
+            sig = f"signal {-proc.returncode}"
+        return RepackDecision(False, f"faults on this CPU, {sig}")
+    raise ToolchainError(f"the weight-repacking probe failed (exit {proc.returncode}): "
+                         f"{last_error_line(proc.stderr or proc.stdout)}")
+
+
+@lru_cache(maxsize=1)
+def repack_decision() -> RepackDecision:
+    """Whether llama.cpp's weight repacking works here; probed once per llama.cpp build and CPU, then cached."""
+    forced = os.environ.get(REPACK_OVERRIDE, "").strip()
+    if forced in ("0", "1"):
+        return RepackDecision(forced == "1", f"forced by {REPACK_OVERRIDE}={forced}")
+    tc = find_toolchain()
+    cached = repack_probe_file(tc.commit)
+    try:
+        data = json.loads(cached.read_text())
+        return RepackDecision(bool(data["on"]), str(data["reason"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    from .fsutil import write_json
+
+    log.info("checking once whether llama.cpp's weight repacking works on this CPU")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cached.parent, prefix=".repack-probe-") as work:
+        try:
+            decision = probe_repack(tc, Path(work))
+        except (ToolchainError, subprocess.TimeoutExpired) as e:   # undecided: stay safe, probe again next time
+            return RepackDecision(False, f"the probe did not finish: {str(e)[:200]}")
+    write_json(cached, {"on": decision.on, "reason": decision.reason, "llama_cpp_commit": tc.commit,
+                        "cpu": cpu_fingerprint()})
+    return decision
+
+
+def repack_env(tool: str | None = None) -> dict[str, str]:
+    """Environment for a llama.cpp tool (llama-server, -perplexity, -imatrix) that turns repacking off if needed."""
+    if tool is not None and tool not in MODEL_TOOLS:
+        return {}
+    return {} if repack_decision().on else {"LLAMA_ARG_REPACK": "0"}
+
+
+def repack_args(tool: str, args: list | tuple = ()) -> list[str]:
+    """llama-bench has no environment switch: ``--repack 0`` unless the caller chose already."""
+    if tool != "llama-bench" or any(str(a) in ("--repack", "-nr", "--no-repack") for a in args):
+        return []
+    return [] if repack_decision().on else ["--repack", "0"]
+
+
+def load_llama(path: str | Path, **kwargs):
+    """``llama_cpp.Llama(model_path=path, **kwargs)`` with repacking off where it faults on this CPU."""
+    import llama_cpp.llama_cpp as capi
+    from llama_cpp import Llama
+
+    kwargs.setdefault("verbose", False)
+    if repack_decision().on:
+        return Llama(model_path=str(path), **kwargs)
+    with _LOAD_LOCK:
+        original = capi.llama_model_default_params
+
+        def no_repack():
+            params = original()
+            params.use_extra_bufts = False
+            return params
+
+        capi.llama_model_default_params = no_repack
+        try:
+            return Llama(model_path=str(path), **kwargs)
+        finally:
+            capi.llama_model_default_params = original
+
+
+_LOAD_LOCK = threading.Lock()
+
+
 @dataclass
 class Check:
     name: str
@@ -214,9 +360,15 @@ def doctor_checks() -> list[Check]:
     try:
         import torch
 
-        if torch.version.cuda:
-            checks.append(Check("torch build", False, f"CUDA build {torch.__version__}",
-                                f"reinstall the CPU build of torch: {FIX}"))
+        flavour_file = Path(sys.prefix) / ".reamkit-torch"
+        flavour = flavour_file.read_text().strip() if flavour_file.is_file() else "cpu"
+        if torch.version.cuda and flavour == "cuda":
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            checks.append(Check("torch build", True, f"CUDA {torch.version.cuda} build {torch.__version__} "
+                                                     f"(REAMKIT_TORCH=cuda); GPUs visible: {gpus}"))
+        elif torch.version.cuda:
+            checks.append(Check("torch build", False, f"CUDA build {torch.__version__} that nothing asked for",
+                                f"reinstall the CPU build of torch: {FIX} (or REAMKIT_TORCH=cuda {FIX} to keep it)"))
         else:
             checks.append(Check("torch build", True, f"CPU ({torch.__version__})"))
     except ImportError:
@@ -238,4 +390,9 @@ def doctor_checks() -> list[Check]:
     for name in TOOLS:
         checks.append(Check(name, True, str(tc.tool(name))))
     checks.append(Check("convert_hf_to_gguf.py", True, str(tc.converter)))
+    try:
+        rd = repack_decision()
+        checks.append(Check("weight repacking", True, f"{'on' if rd.on else 'off'} ({rd.reason})"))
+    except ToolchainError as e:
+        checks.append(Check("weight repacking", False, e.problem, e.fix or FIX))
     return checks

@@ -80,7 +80,7 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ReamkitError(f"--device {name} asked for, but this torch has no usable CUDA device "
                            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})",
-                           fix="install the CUDA flavour (REAMKIT_TORCH=cuda scripts/bootstrap.sh) or use --device cpu")
+                           fix="set up the CUDA build of torch with REAMKIT_TORCH=cuda scripts/bootstrap.sh, or use --device cpu")
     try:
         return torch.device(name)
     except RuntimeError:
