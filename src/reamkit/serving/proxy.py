@@ -112,12 +112,13 @@ def check_body(body: object, n_ctx: int, api: str | None = None) -> str | None:
     return None
 
 
-def build_app(settings: Settings) -> Starlette:
+def build_app(settings: Settings, llama_alive=lambda: True) -> Starlette:
     # llama-server serves each connection on one of its HTTP threads (slots + 4 or more) for as long as the
     # connection lives, so keep at most one idle connection per slot: reuse saves a connect per request, and
     # idle connections never hold every thread while requests wait.
     client = httpx.AsyncClient(base_url=settings.upstream, timeout=httpx.Timeout(None, connect=10.0),
-                               limits=httpx.Limits(max_connections=None, max_keepalive_connections=settings.keepalive))
+                               limits=httpx.Limits(max_connections=None, max_keepalive_connections=settings.keepalive,
+                                                   keepalive_expiry=2.0))   # llama-server drops idle ones after 5 s
 
     async def proxy(request: Request) -> Response:
         started = time.perf_counter()
@@ -160,9 +161,18 @@ def build_app(settings: Settings) -> Starlette:
 
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         headers["authorization"] = f"Bearer {settings.upstream_key}"
-        upstream = client.build_request(request.method, path, params=request.query_params, headers=headers,
-                                        content=raw)
-        resp = await client.send(upstream, stream=True)
+        for attempt in range(2):
+            upstream = client.build_request(request.method, path, params=request.query_params, headers=headers,
+                                            content=raw)
+            try:
+                resp = await client.send(upstream, stream=True)
+                break
+            except (httpx.RemoteProtocolError, httpx.ConnectError) as e:
+                # an idle kept-alive connection that llama-server closed just as we reused it: it never saw
+                # the request, so sending it once more on a fresh connection is safe
+                if attempt or not llama_alive():
+                    log.error("%s %s -> 502 (llama-server did not answer: %s)", request.method, path, e)
+                    return error(path, 502, "the model server did not answer", "api_error")
         out_headers = {k: v for k, v in resp.headers.items()
                        if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding")}
         streamed = resp.headers.get("content-type", "").startswith("text/event-stream")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ReamkitError
-from ..toolchain import find_toolchain, last_error_line
+from ..toolchain import find_toolchain, last_error_line, repack_env
 from .models import resolve_model
 
 log = logging.getLogger("reamkit.serve")
@@ -104,7 +104,8 @@ class LlamaServer:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+                                     start_new_session=True, preexec_fn=_die_with_parent,
+                                     env={**os.environ, **repack_env("llama-server")})
 
     def get(self, path: str) -> dict:
         req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.key}"})
@@ -207,7 +208,7 @@ def serve(model: str | Path, opts: ServeOptions, *, variant: str | None = None, 
 
         settings = Settings(child.url, key, opts.api_key, n_ctx, is_qwen3_coder_template(template),
                             int(opts.max_body_mb * 2**20), opts.verbose, int(props.get("total_slots") or opts.parallel))
-        config = uvicorn.Config(build_app(settings), host=opts.host, port=port, log_level="warning",
+        config = uvicorn.Config(build_app(settings, child.alive), host=opts.host, port=port, log_level="warning",
                                 access_log=False, timeout_keep_alive=30, lifespan="on")
         server = uvicorn.Server(config)
 
