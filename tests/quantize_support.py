@@ -37,25 +37,15 @@ def metadata(path: Path) -> dict:
 def eval_logits(path: Path, text: bytes = b"def add(a, b):\n    return a + b\n"):
     """Load a GGUF in the pinned llama.cpp and return its logits over ``text`` ([n_tokens, n_vocab]).
 
-    Weight repacking ("extra buffer types") is turned off: on CPUs that advertise AMX under a hypervisor that
-    does not enable it, the AMX kernels fault; repacking changes speed, not results.
+    Weight repacking ("extra buffer types") follows reamkit's probe (:func:`reamkit.toolchain.load_llama`): on
+    CPUs that advertise AMX under a hypervisor that does not enable it, the AMX kernels fault; repacking changes
+    speed, not results.
     """
-    import llama_cpp.llama_cpp as capi
     import numpy as np
-    from llama_cpp import Llama
 
-    original = capi.llama_model_default_params
+    from reamkit.toolchain import load_llama
 
-    def no_repack():
-        params = original()
-        params.use_extra_bufts = False
-        return params
-
-    capi.llama_model_default_params = no_repack
-    try:
-        llm = Llama(model_path=str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
-    finally:
-        capi.llama_model_default_params = original
+    llm = load_llama(path, n_ctx=64, n_threads=2, logits_all=True)
     llm.eval(llm.tokenize(text))
     scores = np.asarray(llm.scores[: llm.n_tokens])
     llm.close()
