@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import CheckpointError
 from ..fsutil import atomic_dir
@@ -21,7 +20,10 @@ AUX_FILES = (
     "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
     "chat_template.json",
 )
-DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3   # computed tensors wait here until a shard is full
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
 class CheckpointWriter:
@@ -33,8 +35,10 @@ class CheckpointWriter:
             w.add(tensors)            # any number of times, e.g. once per decoder layer
         # out/ now holds config.json, shards, index, tokenizer files -- or nothing if the block failed
 
-    A shard is flushed whenever the buffered bytes reach ``max_shard_bytes``, so memory stays at about
-    one shard plus what the caller holds. Tensor bytes are written exactly as given (no dtype change).
+    Tensor bytes go to disk as they are added (a shard's data is written to a side file and the safetensors
+    header put in front when the shard is full), so memory stays at what the caller holds, however large the
+    shards. A shard is closed before a tensor that would push it past ``max_shard_bytes``. Tensor bytes are
+    written exactly as given (no dtype change).
     """
 
     def __init__(self, out_dir: Path, *, config: Mapping, aux_from: Path | None = None,
@@ -44,7 +48,8 @@ class CheckpointWriter:
         self.aux_from = Path(aux_from) if aux_from else None
         self.max_shard_bytes = int(max_shard_bytes)
         self.extra_files = dict(extra_files or {})
-        self._buffer: dict[str, torch.Tensor] = {}
+        self._entries: dict[str, dict] = {}      # the open shard's header entries
+        self._data = None                        # the open shard's data side file
         self._buffer_bytes = 0
         self._shards: list[list[str]] = []
         self._seen: set[str] = set()
@@ -65,24 +70,36 @@ class CheckpointWriter:
             if exc_type is None:
                 self._finish()
         except BaseException as e:
+            self._close_data()
             self._ctx.__exit__(type(e), e, e.__traceback__)
             raise
+        self._close_data()
         return bool(self._ctx.__exit__(exc_type, exc, tb))
 
+    def _close_data(self) -> None:
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+
     def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Queue full-name tensors for writing. A shard is flushed before a tensor that would push it past
-        ``max_shard_bytes``, so shards respect the limit however large one call's tensors are (only a single
-        tensor larger than the limit gets a shard of its own)."""
+        """Write full-name tensors into the open shard, starting a new one before a tensor that would push it
+        past ``max_shard_bytes`` (only a single tensor larger than the limit gets a shard of its own)."""
         if self._tmp is None:
             raise RuntimeError("CheckpointWriter must be used as a context manager")
         for name, t in tensors.items():
             if name in self._seen:
                 raise CheckpointError(f"tensor {name!r} written twice")
             nbytes = t.numel() * t.element_size()
-            if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+            if self._entries and self._buffer_bytes + nbytes > self.max_shard_bytes:
                 self.flush()
             self._seen.add(name)
-            self._buffer[name] = t
+            if self._data is None:
+                self._data = open(self._tmp / f"part-{len(self._shards) + 1:05d}.data", "wb")
+            flat = t.detach().contiguous().cpu().reshape(-1)
+            if nbytes:
+                self._data.write(flat.view(torch.uint8).numpy().data)
+            self._entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                                   "data_offsets": [self._buffer_bytes, self._buffer_bytes + nbytes]}
             self._buffer_bytes += nbytes
         if self._buffer_bytes >= self.max_shard_bytes:
             self.flush()
@@ -95,14 +112,22 @@ class CheckpointWriter:
         return self._tmp
 
     def flush(self) -> None:
-        if not self._buffer:
+        """Close the open shard: header first, then the data copied from the side file in chunks."""
+        if not self._entries:
             return
         n = len(self._shards) + 1
-        tensors = {k: v.contiguous() for k, v in self._buffer.items()}
-        save_file(tensors, str(self._tmp / f"part-{n:05d}.safetensors"), metadata={"format": "pt"})
-        self._shards.append(list(tensors))
+        data_path = Path(self._data.name)
+        self._data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        with open(self._tmp / f"part-{n:05d}.safetensors", "wb") as f, open(data_path, "rb") as data:
+            f.write(len(header).to_bytes(8, "little"))
+            f.write(header)
+            shutil.copyfileobj(data, f, 64 << 20)
+        data_path.unlink()
+        self._shards.append(list(self._entries))
         self._total += self._buffer_bytes
-        self._buffer, self._buffer_bytes = {}, 0
+        self._entries, self._data, self._buffer_bytes = {}, None, 0
 
     def _finish(self) -> None:
         self.flush()

@@ -192,6 +192,9 @@ class _Pass:
         reports = []
         tokens = sum(b.numel() for b in self.batches)
         for i in range(n_layers):
+            # Unmap the shards between layers: memory-mapped pages a layer touched would otherwise stay
+            # resident, and the process would grow to the checkpoint's size.
+            self.model.checkpoint.close()
             t_layer = time.time()
             done = self.work / f"layer-{i:05d}.safetensors"
             nxt = ActivationCache(self.work / f"h-{i:05d}", self.budget)
@@ -202,6 +205,7 @@ class _Pass:
                 layer = lw.layer(i, self._to(src)).to(self.device)
                 for j in range(len(hidden)):
                     nxt.append(lw.run_layer(layer, i, hidden[j], ctx(hidden[j])))
+                del layer, tensors, src
                 rep["resumed"] = True
             else:
                 rep = self._layer(i, hidden, nxt, ctx)
@@ -228,7 +232,8 @@ class _Pass:
                 tensors = adapter.convert_layout(tensors, self.opts.output_layout)
             self._save(i, tensors, rep)
             return rep
-        block = MoEBlock.from_tensors(adapter, self.config, self._to(tensors), dtype=self.dtype)
+        # the block's weights are views of the built layer's own parameters: no second copy of the experts
+        block = MoEBlock.from_tensors(adapter, self.config, adapter.layer_tensors(layer, "fused"), dtype=None)
         needs = set(self.method.NEEDS)
         stats = ExpertStats(block.num_experts, block.experts.gate.shape[2], block.experts.gate.shape[1],
                             len(hidden), ObserveOptions(

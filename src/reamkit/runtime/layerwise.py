@@ -116,5 +116,6 @@ class LayerwiseModel:
             if on_layer is not None:
                 on_layer(i, layer, hidden, out)
             del layer
+            self.ckpt.close()        # unmap the shards: pages the layer touched would otherwise stay resident
             hidden = out
         return self.head(hidden)
