@@ -66,14 +66,20 @@ def build(out: Path, layers: int) -> Path:
 
 
 def child(model: str, out: str, samples: int, seq_len: int) -> None:
-    from reamkit.compression import CompressOptions, compress
+    import psutil
+    import transformers  # noqa: F401  (part of the baseline, as in any real run)
 
+    from reamkit.compression import CompressOptions, compress
+    from reamkit.models import open_model
+
+    open_model(model).close()
+    baseline = psutil.Process().memory_info().rss
     t = time.time()
     res = compress(model, Path(out), CompressOptions(method="ream", ratio=0.25, samples=samples, seq_len=seq_len,
                                                      batch_size=4, memory_budget_gb=0.25))
     rep = res.report
     print(json.dumps({"seconds": time.time() - t, "layers": [lay["seconds"] for lay in rep["layers"]],
-                      "tokens": samples * seq_len}))
+                      "tokens": samples * seq_len, "baseline": baseline}))
 
 
 def main() -> None:
@@ -104,6 +110,14 @@ def main() -> None:
     per_layer = res["layers"]
     print(f"checkpoint              {size / 1e9:.2f} GB, {a.layers} layers")
     print(f"peak RSS                {peak / 1e9:.2f} GB = {peak / size:.3f} x the checkpoint (target <= 0.25)")
+    layer_bytes = size / a.layers
+    working = peak - res["baseline"]
+    print(f"  of which              {res['baseline'] / 1e9:.2f} GB interpreter + libraries, "
+          f"{working / 1e9:.2f} GB working set = {working / layer_bytes:.1f} x one layer's bytes")
+    big_layer, big_ckpt = 3.3e9, 160e9                 # Qwen3-Coder-Next: 48 layers of ~3.3 GB (bf16)
+    print(f"  scaled to a 160 GB, 48-layer model (same multiple of a layer): peak ~"
+          f"{(res['baseline'] + working / layer_bytes * big_layer) / 1e9:.0f} GB = "
+          f"{(res['baseline'] + working / layer_bytes * big_layer) / big_ckpt:.2f} x the checkpoint")
     print(f"calibration tokens/s    {res['tokens'] * a.layers / res['seconds']:.0f} token-layers/s "
           f"({res['tokens']} tokens through {a.layers} layers in {res['seconds']:.1f} s)")
     print(f"seconds per layer       mean {sum(per_layer) / len(per_layer):.2f}, max {max(per_layer):.2f}")

@@ -240,7 +240,6 @@ class _Pass:
                                 activation_samples=self.opts.activation_samples if "activations" in needs else 0,
                                 keep_logits="logits" in needs, seed=self.opts.seed + i))
         seen, handle = capture_moe_input(layer, adapter)
-        original_out = []
         try:
             for j in range(len(hidden)):
                 out = lw.run_layer(layer, i, hidden[j], ctx(hidden[j]))
@@ -254,16 +253,19 @@ class _Pass:
             handle.remove()
         plan = self.method.plan_layer(MethodInput(stats, block, self.keep, self.mopts,
                                                   sequences=sum(len(b) for b in self.batches)))
+        summary = stats.summary_tensors()
+        rep["tokens"] = stats.tokens
+        rep["frequency"] = [int(v) for v in stats.freq.tolist()]
+        del block, stats, layer              # the original layer's weights (the block views them) go now
         new_tensors = self._apply(tensors, plan)
+        del tensors
         if self.sequential:
-            del layer
             layer = lw.layer(i, self._to(new_tensors)).to(self.device)
             for j in range(len(hidden)):
                 nxt.append(lw.run_layer(layer, i, hidden[j], ctx(hidden[j])))
+            del layer
         rep.update(plan.to_json())
-        rep["tokens"] = stats.tokens
-        rep["frequency"] = [int(v) for v in stats.freq.tolist()]
-        save_file({k: v.contiguous() for k, v in stats.summary_tensors().items()},
+        save_file({k: v.contiguous() for k, v in summary.items()},
                   str(self.work / f"stats-{i:05d}.safetensors"))
         self._save(i, new_tensors, rep)
         return rep

@@ -34,7 +34,7 @@ STAT_KEYS = ("freq", "prob_mass", "reap_sum", "paper_sum", "ref_chunk_sum", "ean
 class ObserveOptions:
     activation_samples: int = 32768       # positions of h_i kept per layer for alignment (0: none)
     keep_logits: bool = True              # REAM / M-SMoE need every token's router logits
-    block_bytes: int = 1 << 30            # memory for one block of dense expert outputs
+    block_bytes: int = 256 << 20          # memory for one block of dense expert outputs
     seed: int = 0
 
 
