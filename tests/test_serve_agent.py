@@ -21,7 +21,7 @@ from reamkit.serving import client_config
 
 from .serving_helpers import EOS_ID, KEY, Served, tiny_coder_gguf  # noqa: F401
 
-pytestmark = pytest.mark.agent          # needs the npm registry: not part of the default, offline run
+pytestmark = pytest.mark.agent          # needs the npm registry the first time (then cached)
 
 CLAUDE_CODE_VERSION = "2.1.328"
 PROMPT = "Reply with one short word."
