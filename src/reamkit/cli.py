@@ -123,17 +123,26 @@ def convert(
 def demo(
     output: Annotated[Path, typer.Option("-o", "--output", help="folder for the demo outputs")] = Path("demo-out"),
 ) -> None:
-    """Run the main job on the built-in demo model (today: tiny qwen3_next -> GGUF, then doctor)."""
+    """Run the main job on the built-in trained demo model (today: REAM and REAP at 25% fewer experts, each and the
+    uncompressed model converted to GGUF, then doctor)."""
+    from .compression import CompressOptions
+    from .compression import compress as run_compress
     from .gguf import convert_to_gguf
-    from .zoo import write_zoo_model
+    from .zoo import write_demo_model
 
-    model_dir = output / "qwen3_next-tiny"
-    with err.status("building the demo model"):
-        write_zoo_model("qwen3_next", model_dir)
-    out.print(f"model: {model_dir}")
-    with err.status("converting to GGUF (f16)"):
-        gguf, _ = convert_to_gguf(model_dir, output / "qwen3_next-tiny-f16.gguf", dtype="f16")
-    out.print(f"gguf:  {gguf} ({gguf.stat().st_size / 2**20:.1f} MiB)")
+    model_dir = write_demo_model(output / "demo-coder")
+    out.print(f"model: {model_dir} (the trained demo model; its card: {model_dir / 'README.md'})")
+    variants = {"demo-coder": model_dir}
+    for method in ("ream", "reap"):
+        with err.status(f"compressing with {method.upper()} (16 -> 12 experts per layer)"):
+            res = run_compress(model_dir, output / f"demo-coder-{method}-12e", CompressOptions(
+                method=method, ratio=0.25, samples=32, seq_len=256, batch_size=8))
+        out.print(f"{method}:  {res.output} (report: {res.output / 'compression' / 'report.md'})")
+        variants[res.output.name] = res.output
+    for name, path in variants.items():
+        with err.status(f"converting {name} to GGUF (f16)"):
+            gguf, _ = convert_to_gguf(path, output / f"{name}.f16.gguf", dtype="f16")
+        out.print(f"gguf:  {gguf} ({gguf.stat().st_size / 2**20:.1f} MiB)")
     doctor()
 
 
@@ -300,6 +309,42 @@ def compress(
     out.print(f"{verb} {result.output} ({rep['method']}: {rep['experts_before']} -> {rep['experts_after']} experts "
               f"per layer); report: {result.output / 'compression' / 'report.md'}", highlight=False, soft_wrap=True)
 
+
+
+@app.command()
+@user_errors
+def evaluate(
+    variants: Annotated[list[Path], typer.Argument(help="GGUF variants to score")],
+    reference: Annotated[Path, typer.Option("--reference", help="F16/BF16 GGUF of the uncompressed model")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="run folder (reference logits, results)")] = Path("reamkit-eval"),
+    sets: Annotated[str, typer.Option(help="held-out sets: code, math or both (comma-separated)")] = "code,math",
+    text: Annotated[Path | None, typer.Option(help="your own evaluation text instead of the held-out sets")] = None,
+    tokens: Annotated[int, typer.Option(help="scored tokens per set")] = 4096,
+    ctx: Annotated[int, typer.Option(help="context window (its second half is scored)")] = 512,
+    disk_budget_gb: Annotated[float, typer.Option(help="largest size of the stored reference logits")] = 4.0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list")] = False,
+) -> None:
+    """Score variants against the reference: KLD (mean, 99%), same top-1 %, perplexity on held-out code and math."""
+    import json
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .evaluation import FidelityOptions, evaluate_fidelity, fidelity_table
+
+    opts = FidelityOptions(sets=tuple(s.strip() for s in sets.split(",") if s.strip()), tokens=tokens, ctx=ctx,
+                           text=text, disk_budget_gb=disk_budget_gb, threads=threads)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                  transient=True) as bar:
+        task = bar.add_task("checking inputs")
+        results = evaluate_fidelity(variants, reference, output, opts,
+                                    progress=lambda m: bar.update(task, description=m))
+    if as_json:
+        out.print(json.dumps([r.as_dict() for r in results], indent=2, default=str), markup=False,
+                  highlight=False, soft_wrap=True)
+    else:
+        out.print(fidelity_table(results))
+        out.print(f"results: {output / 'fidelity'}", highlight=False, soft_wrap=True)
 
 def main() -> None:  # pragma: no cover
     app()

@@ -1,0 +1,167 @@
+"""reamkit evaluate: KLD, same-top-1 and perplexity of GGUF variants against the reference, on held-out code and
+math, with the reference logits stored once. The demo model's ladder is the test bed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from reamkit.cli import app
+from reamkit.errors import ReamkitError
+from reamkit.evaluation import FidelityOptions, evaluate_fidelity, parse_kld_output
+from reamkit.gguf import convert_to_gguf
+from reamkit.toolchain import find_toolchain, load_llama
+from reamkit.zoo import DEMO_MODEL
+
+LADDER = ("Q8_0", "Q6_K", "Q4_K_M", "Q2_K")
+OPTS = dict(tokens=1016, ctx=256, threads=2)      # 8 chunks of 127 scored tokens per set
+
+
+@pytest.fixture(scope="module")
+def ladder(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.getbasetemp() / "eval-ladder"
+    f16, _ = convert_to_gguf(DEMO_MODEL, base / "demo.F16.gguf", dtype="f16")
+    out = {"F16": f16}
+    for t in LADDER:
+        q = base / f"demo.{t}.gguf"
+        if not q.is_file():
+            find_toolchain().run("llama-quantize", [f16, q, t, "2"])
+        out[t] = q
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(ladder, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("eval-run")
+    variants = [ladder["F16"], *(ladder[t] for t in LADDER)]
+    results = evaluate_fidelity(variants, ladder["F16"], run_dir, FidelityOptions(**OPTS))
+    return run_dir, {r.variant.split(".")[-1]: r for r in results}
+
+
+def test_kld_rises_as_bits_fall(run, figure):
+    _, res = run
+    for s in ("code", "math"):
+        klds = [res[t].sets[s]["kld_mean"] for t in LADDER]
+        figure(f"demo model, held-out {s}: mean KLD " + ", ".join(f"{t} {k:.5f}" for t, k in zip(LADDER, klds))
+               + "; same top-1 % " + ", ".join(f"{res[t].sets[s]['same_top1_pct']:.1f}" for t in LADDER))
+        assert klds == sorted(klds) and klds[0] < klds[-1], klds
+        assert res["Q2_K"].sets[s]["same_top1_pct"] < res["Q8_0"].sets[s]["same_top1_pct"]
+        assert res["Q2_K"].sets[s]["tokens"] == 8 * 127
+        assert res["Q2_K"].sets[s]["ppl_err"] > 0
+
+
+def test_reference_against_itself_is_exact(run):
+    _, res = run
+    for s in ("code", "math"):
+        figures = res["F16"].sets[s]
+        assert abs(figures["kld_mean"]) < 1e-4 and figures["same_top1_pct"] == 100.0
+        assert figures["ppl"] == pytest.approx(figures["ppl_base"], rel=1e-4)
+
+
+def test_kld_matches_an_independent_computation(run, ladder, figure):
+    """Recompute the Q2_K code KLD from the bindings' logits on the tokens the reference file holds."""
+    run_dir, res = run
+    raw = (run_dir / "reference" / "code.kld").read_bytes()
+    assert raw[:8] == b"_logits_"
+    n_ctx, n_vocab, n_chunk = np.frombuffer(raw[8:20], dtype=np.int32)
+    tokens = np.frombuffer(raw[20:20 + 4 * n_chunk * n_ctx], dtype=np.int32).reshape(n_chunk, n_ctx)
+    models = {k: load_llama(ladder[k], n_ctx=int(n_ctx), n_batch=int(n_ctx), n_threads=2, logits_all=True)
+              for k in ("F16", "Q2_K")}
+    add_bos = models["F16"].metadata.get("tokenizer.ggml.add_bos_token") == "true"
+    klds = []
+    for chunk in tokens:
+        seq = [int(t) for t in chunk]
+        if add_bos:
+            seq[0] = models["F16"].token_bos()
+        logp = {}
+        for k, llm in models.items():
+            llm.reset()
+            llm.eval(seq)
+            x = np.asarray(llm.scores[n_ctx // 2: n_ctx - 1], dtype=np.float64)
+            logp[k] = x - x.max(1, keepdims=True) - np.log(np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True))
+        p = np.exp(logp["F16"])
+        klds.append((p * (logp["F16"] - logp["Q2_K"])).sum(1))
+    for llm in models.values():
+        llm.close()
+    ours = float(np.concatenate(klds).mean())
+    tool = res["Q2_K"].sets["code"]["kld_mean"]
+    figure(f"Q2_K code mean KLD: llama-perplexity {tool:.5f}, recomputed from the bindings {ours:.5f}")
+    assert ours == pytest.approx(tool, rel=0.05)
+
+
+def test_reference_logits_are_computed_once(run, ladder):
+    run_dir, res = run
+    kld = run_dir / "reference" / "code.kld"
+    before = kld.stat().st_mtime_ns
+    again = evaluate_fidelity([ladder["Q4_K_M"]], ladder["F16"], run_dir, FidelityOptions(**OPTS))
+    assert kld.stat().st_mtime_ns == before
+    assert again[0].sets["code"]["kld_mean"] == res["Q4_K_M"].sets["code"]["kld_mean"]
+    stored = json.loads((run_dir / "fidelity" / "demo.Q4_K_M.json").read_text())
+    assert stored["sets"]["math"]["kld_p99"] == res["Q4_K_M"].sets["math"]["kld_p99"]
+
+
+def test_held_out_text_is_not_calibration_text(run):
+    from reamkit.calibration.corpus import calibration_part, code_documents
+
+    run_dir, _ = run
+    text = (run_dir / "reference" / "code.txt").read_text()
+    calib = calibration_part(code_documents(limit_bytes=3_000_000))
+    assert not any(doc in text for doc in calib)
+
+
+def test_cli_prints_the_table_and_json(run, ladder):
+    run_dir, res = run
+    r = CliRunner().invoke(app, ["evaluate", str(ladder["Q2_K"]), "--reference", str(ladder["F16"]), "-o",
+                                 str(run_dir), "--tokens", "1016", "--ctx", "256", "--threads", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert rows[0]["sets"]["code"]["kld_mean"] == res["Q2_K"].sets["code"]["kld_mean"]
+
+
+@pytest.mark.parametrize("case", ["missing", "not-gguf", "other-vocab", "empty-text", "over-budget",
+                                  "other-reference"])
+def test_bad_input_is_one_line_before_any_work(case, ladder, run, tmp_path):
+    ref, var = ladder["F16"], ladder["Q2_K"]
+    args = dict(variants=[var], reference=ref, run_dir=tmp_path / "out", opts=FidelityOptions(**OPTS))
+    if case == "missing":
+        args["variants"] = [tmp_path / "nope.gguf"]
+        msg = "no such GGUF file"
+    elif case == "not-gguf":
+        bad = tmp_path / "x.gguf"
+        bad.write_bytes(b"PK\x03\x04 not a gguf")
+        args["variants"] = [bad]
+        msg = "is not a GGUF file"
+    elif case == "other-vocab":
+        from reamkit.zoo import build_cached
+
+        args["variants"] = [convert_to_gguf(build_cached("qwen3_moe"), tmp_path / "other.F16.gguf")[0]]
+        msg = "is not a variant of demo.F16.gguf: its vocabulary differs"
+    elif case == "empty-text":
+        empty = tmp_path / "empty.txt"
+        empty.write_text("  \n")
+        args["opts"] = FidelityOptions(**OPTS, text=empty)
+        msg = "is empty"
+    elif case == "over-budget":
+        args["opts"] = FidelityOptions(tokens=10_000_000, ctx=256)
+        msg = "over the 4 GB disk budget"
+    else:
+        args["reference"], args["variants"], args["run_dir"] = ladder["Q8_0"], [var], run[0]
+        msg = "holds results against another reference"
+    with pytest.raises(ReamkitError, match=msg):
+        evaluate_fidelity(args["variants"], args["reference"], args["run_dir"], args["opts"])
+    if case != "other-reference":
+        assert not (tmp_path / "out").exists()
+
+
+def test_parser_tolerates_nan():
+    text = ("Mean PPL(Q)                   :  -nan ±   5.25\nMean    KLD:   0.034184 ±   0.001255\n"
+            "99.0%   KLD:   0.178584\nSame top p: 85.630 ± 1.101 %\n")
+    got = parse_kld_output(text)
+    assert got["ppl"] is None and got["kld_mean"] == 0.034184 and got["kld_p99"] == 0.178584
+    assert got["same_top1_pct"] == 85.63 and got["same_top1_pct_err"] == 1.101
+    with pytest.raises(ReamkitError):
+        parse_kld_output("nothing")
