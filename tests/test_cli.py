@@ -158,15 +158,22 @@ def test_doctor_without_llama_cpp_names_it_and_the_one_fix():
     assert "Traceback" not in res.stderr
 
 
-def test_demo_converts_the_demo_model(tmp_path):
+def test_demo_compresses_and_converts_the_demo_model(tmp_path):
+    import json
+
     res = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo")])
     assert res.exit_code == 0, res.output
-    gguf = tmp_path / "demo" / "qwen3_next-tiny-f16.gguf"
-    assert gguf.is_file() and gguf.stat().st_size > 30 * 2**20
+    base = tmp_path / "demo" / "demo-coder.f16.gguf"
+    assert base.is_file() and base.stat().st_size > 30 * 2**20
+    for method in ("ream", "reap"):
+        folder = tmp_path / "demo" / f"demo-coder-{method}-12e"
+        assert json.loads((folder / "config.json").read_text())["num_experts"] == 12
+        small = tmp_path / "demo" / f"demo-coder-{method}-12e.f16.gguf"
+        assert small.is_file() and small.stat().st_size < base.stat().st_size
     assert "llama.cpp commit" in res.output
-    mtime = gguf.stat().st_mtime_ns
+    mtime = base.stat().st_mtime_ns
     again = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo")])     # rerun: nothing redone
-    assert again.exit_code == 0 and gguf.stat().st_mtime_ns == mtime
+    assert again.exit_code == 0 and base.stat().st_mtime_ns == mtime
 
 
 def test_toolchain_run_reports_a_failing_tool_in_one_line(tmp_path):
