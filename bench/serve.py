@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generation speed through ``reamkit serve`` against llama-bench's ``tg`` on the same GGUF and threads.
 
-    .venv/bin/python scripts/bench_serve.py MODEL.gguf [--threads 2] [--tokens 128] [--runs 5]
+    .venv/bin/python bench/serve.py MODEL.gguf [--threads 2] [--tokens 128] [--runs 5]
 
 Prints three figures and their ratios:
   * llama-bench tg<N>: pure decoding, no HTTP, no sampling (the ceiling);
