@@ -156,9 +156,7 @@ class RouterTap:
         import torch
 
         self.logits: list = []
-        self.gates = [layer.mlp.gate for layer in model.model.layers]
-        for gate in self.gates:
-            gate.register_forward_hook(self._hook)
+        self.handles = [layer.mlp.gate.register_forward_hook(self._hook) for layer in model.model.layers]
         self._linear = torch.nn.functional.linear
 
     def _hook(self, module, args, _output):
@@ -168,6 +166,12 @@ class RouterTap:
     def take(self) -> list:
         out, self.logits = self.logits, []
         return out
+
+    def remove(self) -> None:
+        """Detach the hooks (a tap left on would keep collecting during evaluation and generation)."""
+        for h in self.handles:
+            h.remove()
+        self.logits = []
 
 
 def balance_loss(logits: list, k: int):
@@ -278,7 +282,7 @@ def run_training(cfg: dict, preset: dict, data: dict, steps: int, seed: int, dev
         if done == stop_after and done < steps:
             print(f"stopped after step {done}; rerun the same command to resume from {checkpoint}", flush=True)
             return None
-    tap.take()
+    tap.remove()
     return model, curve, time.time() - t0
 
 
@@ -326,6 +330,7 @@ def evaluate(model, data: dict, seq_len: int, device: str, max_windows: int = 12
                 hits[src][layer] += torch.bincount(top, minlength=n_exp).double()
             tokens[src] += seq_len
         losses[src] = total / count
+    tap.remove()
     losses["mix"] = CODE_SHARE * losses["code"] + (1 - CODE_SHARE) * losses["math"]
     # fraction of held-out tokens routed to each expert (an expert counts a token when it is in its top-k)
     share = (hits["code"] + hits["math"]) / (tokens["code"] + tokens["math"])

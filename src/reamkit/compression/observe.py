@@ -136,12 +136,10 @@ class ExpertStats:
         return torch.cat(self.act_samples, dim=1) if self.act_samples else torch.empty(self.num_experts, 0, self.inter)
 
     def summary_tensors(self) -> dict[str, torch.Tensor]:
-        """The per-expert statistics worth keeping on disk (not the per-token logits or samples)."""
-        out = {k: getattr(self, k).float() for k in STAT_KEYS}
-        out["expert_tokens"] = self.freq.float()
-        out["expert_in_sumsq"] = self.in_sumsq.float()
-        out["expert_mid_sumsq"] = self.mid_sumsq.float()
-        return out
+        """The per-expert statistics worth keeping on disk (not the per-token logits or samples), each once;
+        counts and squared-input sums under the names the quantizer's importance matrix reads."""
+        renamed = {"freq": "expert_tokens", "in_sumsq": "expert_in_sumsq", "mid_sumsq": "expert_mid_sumsq"}
+        return {renamed.get(k, k): getattr(self, k).float() for k in STAT_KEYS}
 
 
 def fill_zero_saliency(s: torch.Tensor) -> torch.Tensor:

@@ -106,10 +106,8 @@ def plan_layer(inp) -> LayerPlan:
     dist = distance(inp)
     groups = pseudo_groups(sal, dist, inp.keep, int(opts["group_size"]))
     merging = opts["merging"]
-    feats: list[torch.Tensor] = []
-    if not opts["align"]:
-        pass                                   # ablation: saliency-weighted average of unaligned neurons
-    elif merging in ("logits+weights", "logits"):
+    feats: list[torch.Tensor] = []            # alignment costs; none with align=False (unaligned average)
+    if opts["align"] and merging in ("logits+weights", "logits"):
         feats.append(activation_features(inp.stats.activations()))
     if opts["align"] and merging in ("logits+weights", "weights") and any(len(m) > 1 for m in groups.values()):
         feats.append(pca_features(weight_features(inp.block.experts), int(opts["pca_dim"]), int(opts["seed"])))
