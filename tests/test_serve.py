@@ -276,10 +276,70 @@ def test_bad_requests_get_4xx_and_server_stays_up(server):
         assert answer["error"]["message"], (name, answer)      # OpenAI and Anthropic shapes both have it
         if path == "/v1/messages" and status != 400 or name.startswith("max_tokens") and "anthropic" in name:
             assert answer["type"] == "error", (name, answer)     # our own refusals use the Anthropic shape
-    # unknown top-level fields are vendor extensions agents send: ignored, not refused
-    assert server.post("/v1/chat/completions", {"messages": ok_msgs, "max_tokens": 2, "x_vendor": {"a": 1}})[0] == 200
     assert server.post("/v1/chat/completions", {"messages": ok_msgs, "max_tokens": 2})[0] == 200
     assert server.proc.poll() is None
+
+
+UNKNOWN_FIELD = {
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    "/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    "/v1/chat/completions/input_tokens": {"messages": [{"role": "user", "content": "hi"}]},
+    "/v1/completions": {"prompt": "hi", "max_tokens": 2},
+    "/v1/responses": {"input": "hi", "max_output_tokens": 2},
+    "/v1/embeddings": {"input": "hi"},
+    "/v1/messages": {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/messages/count_tokens": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+}
+
+
+def test_each_endpoint_refuses_a_made_up_field_and_stays_up(server, oai, claude):
+    for path, body in UNKNOWN_FIELD.items():
+        status, answer = server.post(path, {**body, "x_made_up_option": True})
+        assert status == 400, (path, status, answer)
+        assert "'x_made_up_option'" in answer["error"]["message"], (path, answer)
+        assert "--allow-unknown-fields" in answer["error"]["message"]
+        assert (answer.get("type") == "error") == path.startswith("/v1/messages"), (path, answer)
+    with pytest.raises(openai.BadRequestError, match="did you mean 'repeat_penalty'"):
+        oai.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                    extra_body={"repetition_penalty": 1.1})
+    with pytest.raises(anthropic.BadRequestError, match="'x_made_up_option'"):
+        claude.messages.create(model="m", max_tokens=2, messages=[{"role": "user", "content": "hi"}],
+                               extra_body={"x_made_up_option": 1})
+    assert server.proc.poll() is None
+    assert oai.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=2).choices
+
+
+def test_allow_unknown_fields_opts_out(tiny_coder_gguf, tmp_path):
+    s = Served(tiny_coder_gguf, tmp_path, "--allow-unknown-fields", parallel=1)
+    try:
+        status, answer = s.post("/v1/chat/completions", {**UNKNOWN_FIELD["/v1/chat/completions"], "x_made_up_option": 1})
+        assert status == 200 and answer["usage"]["completion_tokens"] == 2, answer
+        assert "passing unknown field 'x_made_up_option' through" in s.log
+    finally:
+        s.stop()
+
+
+def test_fields_real_clients_send_are_accepted(oai, claude):
+    """API fields llama-server has no use for (metadata, store, user, ...) and its own sampling extensions."""
+    r = oai.chat.completions.create(
+        model="x", messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        max_completion_tokens=3, temperature=0, top_p=0.9, seed=1, stop=["\n\n"], frequency_penalty=0.1,
+        presence_penalty=0.1, logit_bias={"5": 1}, user="u1", metadata={"k": "v"}, store=False, n=1,
+        parallel_tool_calls=False, response_format={"type": "text"}, service_tier="auto", prompt_cache_key="c",
+        safety_identifier="s", stream=False,
+        extra_body={"top_k": 20, "min_p": 0.05, "repeat_penalty": 1.05, "cache_prompt": True,
+                    "chat_template_kwargs": {}})
+    assert r.usage.completion_tokens == 3
+    assert oai.completions.create(model="x", prompt="def f():", max_tokens=2, seed=1, user="u", n=1,
+                                  extra_body={"top_k": 1, "ignore_eos": True}).usage.completion_tokens == 2
+    m = claude.messages.create(model="claude-sonnet-4", max_tokens=3, metadata={"user_id": "u1"},
+                               system=[{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
+                               stop_sequences=["\n\n\n"], service_tier="auto",
+                               messages=[{"role": "user", "content": "hi"}],
+                               extra_body={"temperature": 0, "top_k": 20, "top_p": 0.9})
+    assert m.usage.output_tokens == 3
+    assert claude.messages.count_tokens(model="m", system="be brief",
+                                        messages=[{"role": "user", "content": "hi"}]).input_tokens > 0
 
 
 def test_refusals_are_answered_before_the_key_check_would_leak_nothing(server):

@@ -8,6 +8,8 @@ Each piece exists because a test against the pinned llama-server showed the gap:
 * A body over the size cap gets 413 before it is read whole, malformed JSON gets 400 (llama-server: 500), and
   ``max_tokens`` larger than the context gets 400 (llama-server: accepted, then generates until the context is
   full). Errors use the OpenAI shape, or the Anthropic shape on ``/v1/messages``.
+* Top-level fields an endpoint does not use get 400 naming the field (:mod:`.fields`; llama-server ignores
+  them silently), unless ``--allow-unknown-fields``.
 * Qwen3-Coder tool calls: binding ``tool_choice`` and cut-off calls returned as text (:mod:`.qwen3_coder`).
 
 Everything else (``/v1/models``, completions, streaming, usage, the Anthropic conversion, tool-call parsing
@@ -30,6 +32,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import qwen3_coder
+from .fields import refusal, unknown_fields
 from .streams import AnthropicToolStream, OpenAIToolStream, split_events
 
 log = logging.getLogger("reamkit.serve")
@@ -43,17 +46,19 @@ HOP_HEADERS = {"host", "content-length", "authorization", "x-api-key", "connecti
 
 class Settings:
     def __init__(self, upstream: str, upstream_key: str, api_key: str | None, n_ctx: int,
-                 qwen3_coder_tools: bool, max_body: int, verbose: bool = False, keepalive: int = 4):
+                 qwen3_coder_tools: bool, max_body: int, verbose: bool = False, keepalive: int = 4,
+                 allow_unknown_fields: bool = False):
         self.upstream, self.upstream_key, self.api_key = upstream, upstream_key, api_key
         self.n_ctx, self.qwen3_coder_tools, self.max_body, self.verbose = n_ctx, qwen3_coder_tools, max_body, verbose
-        self.keepalive = keepalive
+        self.keepalive, self.allow_unknown_fields = keepalive, allow_unknown_fields
 
 
-def error(path: str, status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+def error(path: str, status: int, message: str, kind: str = "invalid_request_error",
+          param: str | None = None) -> JSONResponse:
     if path in ANTHROPIC:
         body = {"type": "error", "error": {"type": kind, "message": message}}
     else:
-        body = {"error": {"message": message, "type": kind, "code": status}}
+        body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return JSONResponse(body, status_code=status)
 
 
@@ -76,8 +81,8 @@ ANTHROPIC_BLOCKS = {"text", "image", "document", "tool_use", "tool_result", "thi
 
 
 def check_messages(body: dict, api: str) -> str | None:
-    """Roles and (Anthropic) content-block types llama-server would accept silently and mis-render or drop.
-    Unknown top-level fields stay allowed: agents send vendor extensions (``metadata``, ``betas``, ...)."""
+    """Roles and (Anthropic) content-block types llama-server would accept silently and mis-render or drop
+    (top-level fields: :mod:`.fields`)."""
     messages = body.get("messages")
     if not isinstance(messages, list):
         return "'messages' must be a list"
@@ -119,6 +124,7 @@ def build_app(settings: Settings, llama_alive=lambda: True) -> Starlette:
     client = httpx.AsyncClient(base_url=settings.upstream, timeout=httpx.Timeout(None, connect=10.0),
                                limits=httpx.Limits(max_connections=None, max_keepalive_connections=settings.keepalive,
                                                    keepalive_expiry=2.0))   # llama-server drops idle ones after 5 s
+    passed: set[tuple[str, str]] = set()     # unknown fields let through, each logged once
 
     async def proxy(request: Request) -> Response:
         started = time.perf_counter()
@@ -152,6 +158,14 @@ def build_app(settings: Settings, llama_alive=lambda: True) -> Starlette:
             reason = check_body(body, settings.n_ctx, api)
             if reason:
                 return error(path, 400, reason)
+            unknown = unknown_fields(path, body) if isinstance(body, dict) else []
+            if unknown and not settings.allow_unknown_fields:
+                log.warning("%s %s -> 400 (unknown fields: %s)", request.method, path, ", ".join(unknown))
+                return error(path, 400, refusal(path, unknown), param=unknown[0])
+            for name in unknown:
+                if (path, name) not in passed:
+                    passed.add((path, name))
+                    log.warning("%s: passing unknown field %r through to llama-server", path, name)
             if api and settings.qwen3_coder_tools:
                 new, has_tools = qwen3_coder.rewrite_tool_choice(body, api)
                 if has_tools:
@@ -244,7 +258,8 @@ def _log(settings: Settings, label: str, status: int, started: float, body, answ
          stream: bool = False) -> None:
     line = f"{label}{' stream' if stream else ''} -> {status} in {time.perf_counter() - started:.2f}s"
     if settings.verbose and isinstance(body, dict):
-        line += f" | asked: {_preview(_last_user_text(body))} | answered: {_preview(_answer_text(answer))}"
+        line += (f" | fields: {','.join(body)} | asked: {_preview(_last_user_text(body))}"
+                 f" | answered: {_preview(_answer_text(answer))}")
     log.info(line)
 
 

@@ -40,6 +40,7 @@ class ServeOptions:
     max_body_mb: float = 8.0
     log_file: Path | None = None
     verbose: bool = False
+    allow_unknown_fields: bool = False
     startup_timeout: float = 600.0
     extra_args: list[str] = field(default_factory=list)
 
@@ -207,7 +208,8 @@ def serve(model: str | Path, opts: ServeOptions, *, variant: str | None = None, 
         from .qwen3_coder import is_qwen3_coder_template
 
         settings = Settings(child.url, key, opts.api_key, n_ctx, is_qwen3_coder_template(template),
-                            int(opts.max_body_mb * 2**20), opts.verbose, int(props.get("total_slots") or opts.parallel))
+                            int(opts.max_body_mb * 2**20), opts.verbose, int(props.get("total_slots") or opts.parallel),
+                            opts.allow_unknown_fields)
         config = uvicorn.Config(build_app(settings, child.alive), host=opts.host, port=port, log_level="warning",
                                 access_log=False, timeout_keep_alive=30, lifespan="on")
         server = uvicorn.Server(config)
