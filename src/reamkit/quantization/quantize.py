@@ -81,17 +81,10 @@ def quantize_model(model: str | Path, out_dir: Path, opts: QuantizeOptions | Non
     for ft in file_types:
         ladder_overrides(opts.ladder, ft, opts.keep_type)              # validates keep_type
     out_dir = Path(out_dir)
-    src = _Source.resolve(model, out_dir, opts)
-    imatrix_arg = _check_imatrix_arg(opts.imatrix, src.inventory)
-    if imatrix_arg == "auto":
-        im.check_calibration(opts.calibration)
+    src, imatrix_arg = _source_and_imatrix(model, out_dir, opts)
     _check_disk_space(src, out_dir, file_types, opts)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    reference = src.materialize()
-    inv = src.inventory if src.model is None else inventory_from_gguf(reference)   # parse each GGUF once
-    ref_key = _file_key(reference)
-    info = _resolve_imatrix(imatrix_arg, model, reference, ref_key, inv, src.name, out_dir, opts)
+    reference, ref_key, inv, info = _prepare(src, imatrix_arg, model, out_dir, opts)
     warnings = []
     if info is not None and info.min_coverage < 1.0:
         low = {b: f"{c:.0%}" for b, c in info.coverage.items() if c < 1.0}
@@ -100,6 +93,38 @@ def quantize_model(model: str | Path, out_dir: Path, opts: QuantizeOptions | Non
     header = inv.header_bytes + _EXTRA_KV_BYTES
     variants = _run_ladder(reference, ref_key, inv, header, src.name, out_dir, file_types, info, opts)
     return QuantizeResult(reference=reference, variants=variants, imatrix=info, warnings=warnings)
+
+
+def prepare_reference(model: str | Path, out_dir: Path, opts: QuantizeOptions | None = None) -> tuple[Path, Path | None]:
+    """The first half of :func:`quantize_model`: the reference GGUF and the importance matrix, no ladder.
+
+    Returns ``(reference GGUF, imatrix GGUF or None)``; both land in ``out_dir`` under the names
+    :func:`quantize_model` uses, so a later call for any type finds them current. Lets a caller quantize the
+    ladder's types in parallel processes, each passing the reference and the imatrix file explicitly.
+    """
+    opts = opts or QuantizeOptions()
+    out_dir = Path(out_dir)
+    src, imatrix_arg = _source_and_imatrix(model, out_dir, opts)
+    reference, _, _, info = _prepare(src, imatrix_arg, model, out_dir, opts)
+    return reference, (info.path if info is not None else None)
+
+
+def _source_and_imatrix(model: str | Path, out_dir: Path, opts: QuantizeOptions):
+    """The checks that need no work: what the source is, and whether the imatrix request can be met."""
+    src = _Source.resolve(model, out_dir, opts)
+    imatrix_arg = _check_imatrix_arg(opts.imatrix, src.inventory)
+    if imatrix_arg == "auto":
+        im.check_calibration(opts.calibration)
+    return src, imatrix_arg
+
+
+def _prepare(src: _Source, imatrix_arg, model, out_dir: Path, opts: QuantizeOptions):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reference = src.materialize()
+    inv = src.inventory if src.model is None else inventory_from_gguf(reference)   # parse each GGUF once
+    ref_key = _file_key(reference)
+    info = _resolve_imatrix(imatrix_arg, model, reference, ref_key, inv, src.name, out_dir, opts)
+    return reference, ref_key, inv, info
 
 
 @dataclass

@@ -1,0 +1,43 @@
+"""The end of a run in the terminal: what ran, a short comparison table, the card, and how to serve the
+recommended variant."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from .runner import RunResult
+
+
+def _rows(run_dir) -> list[dict]:
+    p = run_dir / "report" / "compare.json"
+    data = json.loads(p.read_text())
+    return data["rows"] if isinstance(data, dict) else data
+
+
+def _fmt(v, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def print_summary(result: RunResult, out: Console) -> None:
+    run_dir = result.run_dir
+    total = sum(result.seconds.values())
+    out.print(f"{len(result.ran)} stages ran ({total:.0f} s of stage time), {len(result.skipped)} were already done",
+              highlight=False)
+    rows = _rows(run_dir)
+    t = Table(title="variants (full table: report/compare.md)")
+    for col in ("variant", "size GB", "mean KLD", "top-1 %", "pass@1", "tg t/s", "notes"):
+        t.add_column(col, justify="left" if col in ("variant", "notes") else "right")
+    shown = [r for r in rows if r.get("notes")] or rows[:8]
+    for r in shown:
+        t.add_row(r["variant"], _fmt(r.get("size_gb"), ".3f"), _fmt(r.get("kld_mean"), ".4f"),
+                  _fmt(r.get("top1_pct"), ".1f"), _fmt(r.get("pass_at_1"), ".3f"), _fmt(r.get("tg_tps"), ".1f"),
+                  ", ".join(r["notes"]) if isinstance(r.get("notes"), list) else str(r.get("notes") or ""))
+    out.print(t)
+    out.print(f"card: {run_dir / 'report' / 'README.md'}", highlight=False, soft_wrap=True)
+    best = next((r for r in rows if "recommended" in str(r.get("notes"))), None)
+    if best is not None:
+        out.print(f"try it: reamkit serve {run_dir / best['path'] if not str(best['path']).startswith('/') else best['path']}",
+                  highlight=False, soft_wrap=True)
