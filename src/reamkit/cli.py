@@ -348,6 +348,51 @@ def evaluate(
         out.print(fidelity_table(results))
         out.print(f"results: {output / 'fidelity'}", highlight=False, soft_wrap=True)
 
+
+@app.command()
+@user_errors
+def humaneval(
+    model: Annotated[Path | None, typer.Argument(help="GGUF to complete the problems with (greedy, raw prompt)")] = None,
+    completions: Annotated[Path | None, typer.Option("--completions", help="score task_id/completion JSONL made elsewhere")] = None,
+    limit: Annotated[int | None, typer.Option(help="only the first N problems")] = None,
+    max_tokens: Annotated[int, typer.Option(help="most tokens generated per problem")] = 512,
+    output: Annotated[Path, typer.Option("-o", "--output", help="run folder (results in humaneval/)")] = Path("reamkit-eval"),
+    workers: Annotated[int, typer.Option(help="sandboxed programs run at once")] = 2,
+    timeout: Annotated[float, typer.Option(help="wall-clock seconds per program")] = 10.0,
+    threads: Annotated[int | None, typer.Option(help="llama.cpp threads (default: its choice)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list, one object per task")] = False,
+) -> None:
+    """HumanEval pass@1: generate with MODEL then score, or score --completions; every program runs sandboxed."""
+    import json
+
+    from .evaluation.humaneval import HumanEvalOptions, mean_pass_at_k, run_humaneval, score_completions_file
+    from .evaluation.sandbox import sandbox_facts
+
+    if (model is None) == (completions is None):
+        raise ReamkitError("give either a GGUF to generate with or --completions FILE.jsonl (not both)")
+    if completions is not None and limit is not None:
+        raise ReamkitError("--limit applies to generation; trim the completions file instead")
+    opts = HumanEvalOptions(limit=limit, max_tokens=max_tokens, workers=workers, timeout_s=timeout, threads=threads)
+    with err.status("sandboxed HumanEval") as status:
+        show = lambda what, i, n: status.update(f"HumanEval: {what} {i}/{n}")  # noqa: E731
+        if completions is not None:
+            results = score_completions_file(completions, opts, progress=lambda i, n: show("scoring", i, n))
+            pass_at_k, where = mean_pass_at_k(results), None
+        else:
+            res = run_humaneval(model, output, opts, progress=show)
+            results, pass_at_k, where = res.results, res.pass_at_k, res.output
+            if res.skipped:
+                where = f"{where} (up to date)"
+    if sandbox_facts().note:
+        err.print(f"[yellow]sandbox:[/] {sandbox_facts().note}", highlight=False, soft_wrap=True)
+    if as_json:
+        out.print(json.dumps([r.as_dict() for r in results], indent=2), markup=False, highlight=False, soft_wrap=True)
+        return
+    tasks = len({r.task_id for r in results})
+    figures = ", ".join(f"pass@{k} {v:.4f}" for k, v in pass_at_k.items())
+    out.print(f"HumanEval {figures} ({sum(r.passed for r in results)}/{len(results)} passed, {tasks} tasks)"
+              + (f"; results: {where}" if where else ""), highlight=False, soft_wrap=True)
+
 def main() -> None:  # pragma: no cover
     app()
 
