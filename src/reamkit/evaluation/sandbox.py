@@ -11,7 +11,7 @@ Design (the parts a reader must trust):
 * **Isolation, chosen once per process by probing, most isolated first:**
 
   - ``root`` (reamkit running as root, e.g. CI containers): new network, pid and mount namespaces; then the
-    program drops to a **dedicated uid** (``uid_base + slot``, one per parallel worker, no passwd entry). Root
+    program drops to a **dedicated uid** (one per scorer process and parallel worker, no passwd entry). Root
     ignores ``RLIMIT_NPROC``, so dropping privileges is what makes the process limit (fork bombs) bite, and a
     dedicated uid (not ``nobody``) keeps a fork bomb from starving other daemons or workers. The program cannot
     signal root's processes, sees no network (loopback down), and writes only into fresh size-capped tmpfs
@@ -22,7 +22,8 @@ Design (the parts a reader must trust):
     to what the user runs now plus ``processes``. The program keeps the user's uid, so outside the private tmpfs
     mounts it can write where the user can.
   - ``root-drop`` / ``plain`` (namespaces refused, e.g. a container without ``CAP_SYS_ADMIN``): limits and the
-    dedicated uid (root) only. **The network is not isolated**; :func:`sandbox_facts` says so and the CLI prints
+    dedicated uid (root) only, every process of that uid killed after each program. **The network is not
+    isolated**; :func:`sandbox_facts` says so and the CLI prints
     it once.
 
   In every mode the pid-1 ``init`` of the sandbox (or the launcher) is the program's parent, so
@@ -52,7 +53,8 @@ from pathlib import Path
 from ..errors import ReamkitError
 
 LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
-UID_BASE = 1_900_000_000          # dedicated uids uid_base + slot; far above any allocated range
+UID_BASE = 1_900_000_000          # dedicated uids UID_BASE + 64 * pid + slot: far above any allocated range
+MAX_SLOTS = 64
 SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
 
 
@@ -147,12 +149,29 @@ def _user_processes() -> int:
 
 def _config(mode: str, workdir: Path, limits: SandboxLimits, slot: int, interpreter: str) -> dict:
     userns, netns, pidns, private_tmp, drop = _MODES[mode]
-    uid = UID_BASE + slot if drop else None
+    if not 0 <= slot < MAX_SLOTS:
+        raise SandboxError(f"at most {MAX_SLOTS} sandboxed programs at once (slot {slot})")
+    uid = dedicated_uid(slot) if drop else None
     nproc = limits.processes if drop else _user_processes() + limits.processes
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp/work" if private_tmp else str(workdir)}
     return {"userns": userns, "netns": netns, "pidns": pidns, "private_tmp": private_tmp, "uid": uid,
             "gid": uid, "nproc": nproc, "workdir": str(workdir), "interpreter": interpreter, "env": env,
             "tmpfs_mb": limits.tmpfs_mb, "limits": asdict(limits)}
+
+
+def dedicated_uid(slot: int) -> int:
+    """The uid a slot's programs run as (root modes): unique to this scorer process and slot, used by no one else."""
+    return UID_BASE + MAX_SLOTS * os.getpid() + slot
+
+
+def _kill_uid(uid: int, interpreter: str) -> None:
+    """Kill every process of a dedicated uid: ``kill(-1)`` from a helper running as that uid (it spares itself).
+
+    Without a pid namespace this is what catches a fork bomb's children that left the process group."""
+    code = "import os, signal\ntry:\n    os.kill(-1, signal.SIGKILL)\nexcept ProcessLookupError:\n    pass\n"
+    for _ in range(2):
+        subprocess.run([interpreter, "-I", "-S", "-c", code], user=uid, group=uid, extra_groups=[],
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=30, cwd="/")
 
 
 def _kill_group(pgid: int) -> None:
@@ -226,6 +245,8 @@ def _supervise(cfg: dict, limits: SandboxLimits) -> SandboxRun:
         os.close(status_r)
         proc.stdout.close()
         proc.stderr.close()
+        if cfg["uid"] is not None and not cfg["pidns"]:
+            _kill_uid(cfg["uid"], cfg["interpreter"])
     run.seconds = time.monotonic() - start
     run.stdout = bufs["stdout"].decode("utf-8", "replace")
     run.stderr = bufs["stderr"].decode("utf-8", "replace")
