@@ -123,7 +123,7 @@ def test_cli_prints_the_table_and_json(run, ladder):
 
 
 @pytest.mark.parametrize("case", ["missing", "not-gguf", "other-vocab", "empty-text", "over-budget",
-                                  "other-reference"])
+                                  "too-few-tokens", "other-reference"])
 def test_bad_input_is_one_line_before_any_work(case, ladder, run, tmp_path):
     ref, var = ladder["F16"], ladder["Q2_K"]
     args = dict(variants=[var], reference=ref, run_dir=tmp_path / "out", opts=FidelityOptions(**OPTS))
@@ -145,6 +145,9 @@ def test_bad_input_is_one_line_before_any_work(case, ladder, run, tmp_path):
         empty.write_text("  \n")
         args["opts"] = FidelityOptions(**OPTS, text=empty)
         msg = "is empty"
+    elif case == "too-few-tokens":       # llama-perplexity keeps its KLD statistics to itself below 100
+        args["opts"] = FidelityOptions(tokens=64, ctx=256)
+        msg = "too few: llama-perplexity computes KLD statistics on at least 100"
     elif case == "over-budget":
         args["opts"] = FidelityOptions(tokens=10_000_000, ctx=256)
         msg = "over the 4 GB disk budget"

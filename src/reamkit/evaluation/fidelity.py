@@ -25,6 +25,7 @@ from ..manifest import Manifest, manifest_path_for, read_manifest, stage_key, wr
 from ..quantization.runner import run_tool
 
 SETS = ("code", "math")
+MIN_TOKENS = 100                  # llama-perplexity prints no KLD statistics below 100 scored tokens
 HEADER_BYTES = 64 * 1024          # the part of a GGUF hashed for its fingerprint (metadata lives up front)
 
 
@@ -147,8 +148,9 @@ def evaluate_fidelity(variants: list[Path], reference: Path, run_dir: Path, opts
     for p in [reference, *paths]:
         if not p.is_file():
             raise ReamkitError(f"no such GGUF file: {p}")
-    if opts.tokens < 16:
-        raise ReamkitError(f"--tokens {opts.tokens} is too few to measure anything (at least 16)")
+    if opts.tokens < MIN_TOKENS:
+        raise ReamkitError(f"--tokens {opts.tokens} is too few: llama-perplexity computes KLD statistics on at least "
+                           f"{MIN_TOKENS} scored tokens")
     if opts.ctx < 32 or opts.ctx % 2:
         raise ReamkitError(f"--ctx {opts.ctx} must be an even number of at least 32")
     n_vocab, vhash = vocabulary(reference)
@@ -211,8 +213,9 @@ def evaluate_fidelity(variants: list[Path], reference: Path, run_dir: Path, opts
                     lines = run_tool("llama-perplexity", args)
                 base = parse_base_ppl("\n".join(lines))
                 scored = _scored_tokens("\n".join(lines), opts.ctx)
-                if not base or scored == 0:
-                    raise ReamkitError(f"the evaluation set {name!r} is too short for --ctx {opts.ctx}")
+                if not base or scored < MIN_TOKENS:
+                    raise ReamkitError(f"the evaluation set {name!r} is too short for --ctx {opts.ctx}: "
+                                       f"{scored} scored tokens, at least {MIN_TOKENS} needed")
                 write_json(info_file, {**base, "tokens": scored, "chunks": scored // (opts.ctx // 2 - 1),
                                        "ctx": opts.ctx, "reference": str(reference)})
                 write_manifest(manifest_path_for(kld, folder=False), Manifest.new(
