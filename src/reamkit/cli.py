@@ -393,6 +393,77 @@ def humaneval(
     out.print(f"HumanEval {figures} ({sum(r.passed for r in results)}/{len(results)} passed, {tasks} tasks)"
               + (f"; results: {where}" if where else ""), highlight=False, soft_wrap=True)
 
+@app.command()
+@user_errors
+def speed(
+    variants: Annotated[list[Path], typer.Argument(help="GGUF variants to benchmark")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="run folder (results in speed/)")] = Path("reamkit-eval"),
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all)")] = None,
+    prompt: Annotated[int, typer.Option(help="prompt tokens of the pp test")] = 512,
+    gen: Annotated[int, typer.Option(help="generated tokens of the tg test")] = 128,
+    repetitions: Annotated[int, typer.Option(help="runs of each test")] = 5,
+) -> None:
+    """Prompt and generation tokens/s (llama-bench), load time, peak memory and the share of the memory-bandwidth
+    bound reached, per variant."""
+    from .evaluation.speed import SpeedOptions, measure_speed
+
+    opts = SpeedOptions(prompt=prompt, gen=gen, repetitions=repetitions, threads=threads)
+    for v in variants:
+        with err.status(f"benchmarking {v.name}"):
+            r = measure_speed(v, output, opts)
+        out.print(f"{r.variant}: pp{opts.prompt} {r.pp_tps:.1f} t/s, tg{opts.gen} {r.tg_tps:.1f} t/s "
+                  f"({r.bandwidth_share:.0%} of the {r.bound_tps:.0f} t/s bandwidth bound at "
+                  f"{r.bandwidth_gbps:.1f} GB/s), load {r.load_s:.2f} s, peak {r.peak_rss_bytes / 1e9:.2f} GB, "
+                  f"{r.threads} threads{' (up to date)' if r.skipped else ''}", highlight=False, soft_wrap=True)
+    out.print(f"results: {output / 'speed'}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def compare(run_dir: Annotated[Path, typer.Argument(help="run folder")]) -> None:
+    """One row per variant (size, bits/weight, KLD, top-1, PPL, pass@1, speed, notes) in report/compare.{md,csv,json},
+    plus size-vs-KLD and size-vs-pass@1 plots."""
+    from .report import compare as run_compare
+    from .report import comparison_table
+
+    comp = run_compare(run_dir)
+    out.print(comparison_table(comp))
+    out.print(f"report: {comp.files['md']} (+ .csv, .json, {comp.files['kld_png'].name}, "
+              f"{comp.files['pass_png'].name})", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def card(
+    run_dir: Annotated[Path, typer.Argument(help="run folder")],
+    model_name: Annotated[str | None, typer.Option(help="model name in the card's title")] = None,
+    repo: Annotated[str | None, typer.Option(help="Hub repository ORG/NAME the links point to (default: file names)")] = None,
+) -> None:
+    """A model card (report/README.md) in the style of mradermacher's GGUF cards, with the measured figures."""
+    from .report import write_card
+
+    out.print(f"wrote {write_card(run_dir, model_name=model_name, repo=repo)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def fit(
+    target: Annotated[str, typer.Argument(help="run folder, or a built-in model (Qwen3-Coder-Next-REAM)")],
+    memory: Annotated[str, typer.Option(help="system RAM, e.g. 24GB (1e9 bytes) or 24GiB")],
+    context: Annotated[str, typer.Option(help="context tokens, e.g. 32k")] = "32k",
+    gpu_memory: Annotated[str | None, typer.Option(help="GPU memory; routed experts that do not fit stay in RAM")] = None,
+    cache_type: Annotated[str, typer.Option(help="KV cache type (f16, q8_0, ...)")] = "f16",
+) -> None:
+    """The best-fidelity variant whose weights + KV cache + state + overhead fit, with the arithmetic."""
+    from .report import fit as run_fit
+    from .report import fit_lines
+
+    res = run_fit(target if not Path(target).is_dir() else Path(target), memory, context=context,
+                  gpu_memory=gpu_memory, cache_type=cache_type)
+    for line in fit_lines(res):
+        out.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

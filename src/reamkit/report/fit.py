@@ -1,0 +1,273 @@
+"""``reamkit fit``: the best-fidelity variant whose weights + KV cache + recurrent state + runtime overhead fit
+in a machine's memory, with the arithmetic printed.
+
+* **KV cache**: only attention layers hold one. For ``qwen3_next`` those are the full-attention layers (every
+  ``full_attention_interval``-th, i.e. 12 of 48): ``KV = n_full_layers x n_kv_heads x (k_dim + v_dim) x context
+  x bytes per element`` (``2 x n_full x n_kv x head_dim x context x bytes`` when k_dim = v_dim).
+* **Recurrent state** (linear-attention layers, fixed size, F32 as llama.cpp keeps it): per layer a conv state
+  of ``(conv_kernel - 1) x (2 x n_k_heads x k_dim + n_v_heads x v_dim)`` and an SSM state of
+  ``n_v_heads x k_dim x v_dim`` elements, one sequence.
+* **Overhead**: :data:`FIXED_OVERHEAD` (process, context, graph) + the compute buffer of one 512-token
+  micro-batch (logits ``512 x n_vocab`` F32 + activations ``512 x n_embd x`` :data:`ACTIVATION_FLOATS` F32).
+
+With ``--gpu-memory``, everything goes on the GPU when it fits there; otherwise the always-active weights, KV
+cache, state and compute buffer go on the GPU and the routed experts of as many layers as needed stay in system
+RAM (llama.cpp's ``--n-cpu-moe N``). "Best fidelity" = lowest measured mean KLD (``reamkit compare``); variants
+without a KLD rank after those with one, by bits/weight (highest first) -- which is all there is for a built-in
+family, whose sizes come from :mod:`.families`. Memory sizes are GB = 1e9 bytes (GiB = 2^30 when written so).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ReamkitError
+from ..quantization.rules import GGML_BLOCKS
+
+FIXED_OVERHEAD = 250_000_000
+UBATCH = 512
+ACTIVATION_FLOATS = 16
+DEFAULT_CONTEXT = 32768                # as reamkit serve
+_UNITS = {"": 1e9, "g": 1e9, "gb": 1e9, "gib": 2**30, "m": 1e6, "mb": 1e6, "mib": 2**20, "t": 1e12, "tb": 1e12,
+          "tib": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise ReamkitError(f"cannot read the memory size {text!r}; write e.g. 24GB, 24GiB or 512MB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_context(text: str | int) -> int:
+    m = re.fullmatch(r"\s*([0-9]+)\s*([kKmM]?)\s*", str(text))
+    if not m or int(m.group(1)) < 1:
+        raise ReamkitError(f"cannot read the context {text!r}; write e.g. 32k or 32768")
+    return int(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[m.group(2).lower()]
+
+
+def cache_bytes_per_element(cache_type: str) -> float:
+    t = cache_type.upper()
+    if t not in GGML_BLOCKS or t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"):
+        raise ReamkitError(f"unknown KV cache type {cache_type!r}; choose f16, bf16, f32, q8_0, q5_1, q5_0, q4_1, q4_0")
+    n, b = GGML_BLOCKS[t]
+    return b / n
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What memory beyond the weights depends on."""
+
+    n_layers: int
+    n_full_attn: int                  # layers with a KV cache
+    n_kv_heads: int
+    k_dim: int
+    v_dim: int
+    n_linear: int = 0                 # linear-attention (recurrent) layers
+    conv_kernel: int = 0
+    conv_dim: int = 0
+    ssm_state: int = 0                # elements per linear layer
+    n_vocab: int = 0
+    n_embd: int = 0
+
+
+def arch_from_config(c: dict) -> Arch:
+    n, h = int(c["num_hidden_layers"]), int(c["hidden_size"])
+    n_head = int(c["num_attention_heads"])
+    hd = int(c.get("head_dim") or h // n_head)
+    n_kv = int(c.get("num_key_value_heads") or n_head)
+    if c.get("model_type") != "qwen3_next":
+        return Arch(n, n, n_kv, hd, hd, n_vocab=int(c["vocab_size"]), n_embd=h)
+    types = c.get("layer_types")
+    interval = int(c.get("full_attention_interval") or 4)
+    full = sum(1 for i in range(n) if (types[i] == "full_attention" if types else (i + 1) % interval == 0))
+    nk, dk = int(c["linear_num_key_heads"]), int(c["linear_key_head_dim"])
+    nv, dv = int(c["linear_num_value_heads"]), int(c["linear_value_head_dim"])
+    return Arch(n, full, n_kv, hd, hd, n_linear=n - full, conv_kernel=int(c["linear_conv_kernel_dim"]),
+                conv_dim=2 * nk * dk + nv * dv, ssm_state=nv * dk * dv, n_vocab=int(c["vocab_size"]), n_embd=h)
+
+
+def arch_from_gguf(reader) -> Arch:
+    from ..quantization.inventory import _field
+
+    a = _field(reader, "general.architecture")
+    n, h = int(_field(reader, f"{a}.block_count")), int(_field(reader, f"{a}.embedding_length"))
+    n_head = int(_field(reader, f"{a}.attention.head_count"))
+    n_kv = int(_field(reader, f"{a}.attention.head_count_kv", n_head))
+    kd = int(_field(reader, f"{a}.attention.key_length", h // n_head))
+    vd = int(_field(reader, f"{a}.attention.value_length", kd))
+    vocab = next((int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight"), 0)
+    if a != "qwen3next":
+        return Arch(n, n, n_kv, kd, vd, n_vocab=vocab, n_embd=h)
+    interval = int(_field(reader, f"{a}.full_attention_interval", 4))
+    full = sum(1 for i in range(n) if (i + 1) % interval == 0)
+    dk, nk = int(_field(reader, f"{a}.ssm.state_size")), int(_field(reader, f"{a}.ssm.group_count"))
+    inner = int(_field(reader, f"{a}.ssm.inner_size"))
+    return Arch(n, full, n_kv, kd, vd, n_linear=n - full, conv_kernel=int(_field(reader, f"{a}.ssm.conv_kernel")),
+                conv_dim=2 * nk * dk + inner, ssm_state=inner * dk, n_vocab=vocab, n_embd=h)
+
+
+def kv_cache_bytes(arch: Arch, context: int, bytes_per_element: float = 2.0) -> int:
+    return int(arch.n_full_attn * arch.n_kv_heads * (arch.k_dim + arch.v_dim) * context * bytes_per_element)
+
+
+def recurrent_state_bytes(arch: Arch) -> int:
+    return arch.n_linear * ((arch.conv_kernel - 1) * arch.conv_dim + arch.ssm_state) * 4
+
+
+def overhead_bytes(arch: Arch) -> int:
+    return FIXED_OVERHEAD + UBATCH * (arch.n_vocab + ACTIVATION_FLOATS * arch.n_embd) * 4
+
+
+@dataclass
+class Candidate:
+    name: str                  # variant (run folder) or type (built-in family)
+    type: str
+    weights: int               # bytes
+    experts: int               # bytes of routed-expert tensors (can stay in RAM)
+    bpw: float | None
+    kld: float | None
+    arch: Arch
+    file: str | None = None
+
+
+@dataclass
+class Need:
+    candidate: Candidate
+    kv: int
+    state: int
+    overhead: int
+    total: int
+    fits: bool
+    placement: str             # "CPU", "GPU", "GPU + N layers' experts in RAM" or why not
+    n_cpu_moe: int | None = None
+
+
+@dataclass
+class FitResult:
+    target: str
+    memory: int
+    gpu_memory: int | None
+    context: int
+    cache_type: str
+    needs: list[Need] = field(default_factory=list)       # best fidelity first
+    choice: Need | None = None
+
+
+def rank_key(c: Candidate):
+    return (c.kld is None, c.kld if c.kld is not None else 0.0, -(c.bpw or 0.0))
+
+
+def place(c: Candidate, kv: int, state: int, over: int, memory: int, gpu: int | None) -> tuple[bool, str, int | None]:
+    total = c.weights + kv + state + over
+    if gpu is None:
+        return total <= memory, "CPU (system RAM)", None
+    if total <= gpu and FIXED_OVERHEAD <= memory:
+        return True, "all on the GPU", 0
+    gpu_base = c.weights - c.experts + kv + state + over
+    if c.experts and gpu_base <= gpu:
+        per_layer = c.experts / c.arch.n_layers
+        on_gpu = min(c.arch.n_layers, int((gpu - gpu_base) // per_layer))
+        n_cpu = c.arch.n_layers - on_gpu
+        if n_cpu * per_layer + FIXED_OVERHEAD <= memory:
+            return True, f"GPU, routed experts of {n_cpu} layers in RAM", n_cpu
+    if total <= memory:
+        return True, "CPU (system RAM; too large for the GPU)", None
+    return False, "does not fit", None
+
+
+def fit(target: str | Path, memory: str | int, *, context: str | int = DEFAULT_CONTEXT,
+        gpu_memory: str | int | None = None, cache_type: str = "f16") -> FitResult:
+    """Pick the best-fidelity variant of a run folder or built-in family that fits; refuses when none does."""
+    mem = memory if isinstance(memory, int) else parse_memory(memory)
+    gpu = None if gpu_memory is None else gpu_memory if isinstance(gpu_memory, int) else parse_memory(gpu_memory)
+    ctx = parse_context(context)
+    per_elem = cache_bytes_per_element(cache_type)
+    cands = candidates(target)
+    res = FitResult(target=str(target), memory=mem, gpu_memory=gpu, context=ctx, cache_type=cache_type)
+    for c in sorted(cands, key=rank_key):
+        kv, st, ov = kv_cache_bytes(c.arch, ctx, per_elem), recurrent_state_bytes(c.arch), overhead_bytes(c.arch)
+        ok, where, n_cpu = place(c, kv, st, ov, mem, gpu)
+        res.needs.append(Need(c, kv, st, ov, c.weights + kv + st + ov, ok, where, n_cpu))
+    res.choice = next((n for n in res.needs if n.fits), None)
+    if res.choice is None:
+        small = min(res.needs, key=lambda n: n.total)
+        pool = f"{mem / 1e9:g} GB of RAM" + (f" + {gpu / 1e9:g} GB of GPU memory" if gpu else "")
+        raise ReamkitError(f"nothing fits in {pool}: the smallest variant, {small.candidate.type}, needs "
+                           f"{small.total / 1e9:.1f} GB at a {ctx}-token context", fix="more memory or a shorter --context")
+    return res
+
+
+def candidates(target: str | Path) -> list[Candidate]:
+    from .families import find_family
+
+    path = Path(target)
+    if path.is_dir():
+        return run_candidates(path)
+    fam = find_family(str(target))
+    if fam is None:
+        from .families import FAMILIES
+
+        raise ReamkitError(f"{target} is neither a run folder nor a built-in model "
+                           f"(built-in: {', '.join(f.name for f in FAMILIES)})")
+    return family_candidates(fam)
+
+
+def family_candidates(fam) -> list[Candidate]:
+    from ..quantization.inventory import inventory_from_config
+    from ..quantization.rules import choose_types, tensor_bytes
+
+    inv = inventory_from_config(fam.config)
+    arch = arch_from_config(fam.config)
+    out = []
+    for t, (gb, _source) in fam.sizes_gb.items():
+        types = choose_types(inv.tensors, t, inv.facts)
+        by = {x.name: tensor_bytes(types[x.name], x.shape) for x in inv.tensors}
+        share = sum(b for n, b in by.items() if "_exps" in n) / sum(by.values())
+        weights = int(gb * 1e9)
+        out.append(Candidate(t, t, weights, int(weights * share), weights * 8 / inv.n_elements, None, arch))
+    return out
+
+
+def run_candidates(run_dir: Path) -> list[Candidate]:
+    from ..quantization.inventory import open_gguf
+    from .compare import comparison_rows
+
+    out = []
+    for r in comparison_rows(run_dir).rows:
+        p = Path(r["path"]) if r.get("path") else None
+        if p is None or not p.is_file():
+            continue
+        reader = open_gguf(p)
+        experts = sum(int(t.n_bytes) for t in reader.tensors if "_exps" in t.name)
+        out.append(Candidate(r["variant"], r["type"], p.stat().st_size, experts, r.get("bpw"), r.get("kld_mean"),
+                             arch_from_gguf(reader), file=str(p)))
+    if not out:
+        raise ReamkitError(f"none of the GGUF files of {run_dir} is where its results say",
+                           fix="keep the GGUFs beside the run folder or name them in variants.json")
+    return out
+
+
+def fit_lines(res: FitResult) -> list[str]:
+    """The arithmetic, one line per variant (best fidelity first), then the choice."""
+    gb = lambda b: f"{b / 1e9:.2f}"   # noqa: E731
+    a = res.needs[0].candidate.arch
+    lines = [f"memory: {gb(res.memory)} GB RAM" + (f" + {gb(res.gpu_memory)} GB GPU" if res.gpu_memory else "")
+             + f"; context {res.context} tokens, KV cache {res.cache_type}",
+             f"KV cache = {a.n_full_attn} attention layers x {a.n_kv_heads} KV heads x ({a.k_dim} + {a.v_dim}) x "
+             f"{res.context} tokens x {cache_bytes_per_element(res.cache_type):g} B = {gb(res.needs[0].kv)} GB; "
+             f"recurrent state ({a.n_linear} layers) {gb(res.needs[0].state)} GB; overhead {gb(res.needs[0].overhead)} GB",
+             "variant (best fidelity first): weights + KV + state + overhead = total -> placement"]
+    for n in res.needs:
+        c = n.candidate
+        fid = f"KLD {c.kld:.4g}" if c.kld is not None else f"{c.bpw:.2f} bpw" if c.bpw else "?"
+        mark = "*" if n is res.choice else " "
+        lines.append(f"{mark} {c.name} ({fid}): {gb(c.weights)} + {gb(n.kv)} + {gb(n.state)} + {gb(n.overhead)} = "
+                     f"{gb(n.total)} GB -> {n.placement}")
+    ch = res.choice
+    f = ch.candidate.file or f"<model>.{ch.candidate.type}.gguf"
+    extra = f" -ngl 99 --n-cpu-moe {ch.n_cpu_moe}" if ch.n_cpu_moe else " -ngl 99" if ch.n_cpu_moe == 0 else ""
+    lines.append(f"pick: {ch.candidate.name} ({ch.placement}); run: llama-server -m {f} -c {res.context}{extra}")
+    return lines
