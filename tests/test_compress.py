@@ -211,18 +211,6 @@ def test_rerun_skips_and_a_killed_run_resumes(tmp_path, monkeypatch):
     assert compress(src, out, o).skipped
 
 
-def test_drop_mtp(tmp_path):
-    from reamkit.zoo import build_cached
-
-    src = build_cached("qwen3_next", mtp=True)
-    with pytest.raises(ReamkitError, match="--drop-mtp"):
-        compress(src, tmp_path / "x", opts(method="reap", ratio=0.25))
-    out = compress(src, tmp_path / "y", opts(method="reap", ratio=0.25, drop_mtp=True)).output
-    names = Checkpoint.open(out).tensors
-    assert not any(k.startswith("mtp.") for k in names)
-    assert json.loads((out / "config.json").read_text())["merge_args"]["dropped"] == ["mtp.layers.0."]
-
-
 @pytest.mark.parametrize("kw,message", [
     (dict(method="magic", ratio=0.25), "unknown method"),
     (dict(method="ream", experts=16), "must be fewer than"),

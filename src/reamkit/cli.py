@@ -283,8 +283,10 @@ def compress(
     dtype: Annotated[str, typer.Option(help="compute dtype: float32, bfloat16, float16")] = "float32",
     output_dtype: Annotated[str | None, typer.Option(help="dtype of the written weights (default: the input's)")] = None,
     memory_budget: Annotated[float, typer.Option(help="GiB of hidden states kept in RAM before spilling to disk")] = 4.0,
+    observations: Annotated[str | None, typer.Option(help="plan from an earlier non-sequential run's compression/ folder instead of calibrating (reap, frequency)")] = None,
 ) -> None:
-    """Cut the routed experts of every MoE layer by REAM merging or REAP/frequency pruning (or HC-SMoE/M-SMoE)."""
+    """Cut the routed experts of every MoE layer (and of Qwen3-Next's MTP block, unless --drop-mtp) by REAM
+    merging or REAP/frequency pruning (or HC-SMoE/M-SMoE)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .compression import CompressOptions
@@ -294,7 +296,7 @@ def compress(
     opts = CompressOptions(method=method, experts=experts, ratio=ratio, method_options=mopts, calib=calib,
                            samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, device=device,
                            compute_dtype=dtype, output_dtype=output_dtype, sequential=sequential, drop_mtp=drop_mtp,
-                           memory_budget_gb=memory_budget)
+                           memory_budget_gb=memory_budget, observations=observations)
     with Progress(TextColumn("[bold]compress[/] layer {task.completed}/{task.total}"), BarColumn(),
                   TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                   console=err, transient=False) as bar:

@@ -177,3 +177,21 @@ def write_checkpoint(src: Checkpoint, out_dir: Path, *, config: Mapping | None =
             prefix = layer_prefix(i)
             w.add({prefix + k: v for k, v in tensors.items()})
     return Path(out_dir)
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Write one safetensors file tensor by tensor, without the whole-file byte copy
+    ``safetensors.torch.save_file`` makes (a decoder layer's worth of memory)."""
+    entries, offset = {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        for t in tensors.values():
+            if t.numel():
+                f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)

@@ -7,8 +7,13 @@ different neuron orders; averaging without aligning first mixes unrelated neuron
 
 Costs between neuron a of the centroid and neuron b of expert j (each an L2 distance of L2-normalised rows):
 * activation cost: the neurons' activation vectors over the sampled calibration positions [D, S];
-* weight cost: each neuron's concat(W_gate[a, :], W_up[a, :], W_down[:, a]) [3H], projected by one PCA per
-  layer (rank 64, centred, fitted on all N * D rows) and normalised again.
+* weight cost: each neuron's concat(W_gate[a, :], W_up[a, :], W_down[:, a]) [3H], projected onto the top 64
+  principal directions of all N * D such rows (centred) and normalised again.
+
+Memory: the features are computed per expert when an alignment asks for them (:class:`ActivationFeatures`,
+:class:`PCAFeatures`), and only merged experts are ever aligned; the PCA is fitted from the rows' covariance
+[3H, 3H], accumulated a few experts at a time (exact, where a randomised SVD of all rows would hold the
+N * D * 3H matrix twice: 13 GB per layer at Qwen3-Next scale).
 """
 
 from __future__ import annotations
@@ -19,23 +24,76 @@ from torch.nn import functional as F
 from ..models.base import Experts
 
 
-def weight_features(experts: Experts) -> torch.Tensor:
-    """Per-neuron weight rows [N, D, 3H], L2-normalised."""
-    feats = torch.cat([experts.gate.float(), experts.up.float(), experts.down.float().transpose(1, 2)], dim=-1)
+def weight_features(experts: Experts, idx: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+    """Per-neuron weight rows [n, D, 3H] of the experts ``idx``, L2-normalised (float32)."""
+    feats = torch.cat([experts.gate[idx].float(), experts.up[idx].float(),
+                       experts.down[idx].float().transpose(1, 2)], dim=-1)
     return F.normalize(feats, dim=-1)
+
+
+def _pca_basis(rows_of, n: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [F] and the top ``rank`` principal directions [F, q] of the rows ``rows_of(slice)`` gives for
+    experts 0..n-1 (float64 covariance, accumulated in blocks)."""
+    total = s1 = s2 = None
+    step = 8
+    for s in range(0, n, step):
+        r = rows_of(slice(s, min(n, s + step))).double()
+        r = r.reshape(-1, r.shape[-1])
+        s1 = r.sum(0) if s1 is None else s1 + r.sum(0)
+        s2 = r.T @ r if s2 is None else s2 + r.T @ r
+        total = r.shape[0] if total is None else total + r.shape[0]
+    mean = s1 / total
+    cov = s2 - total * torch.outer(mean, mean)
+    _, vecs = torch.linalg.eigh(cov)                           # ascending eigenvalues
+    q = min(rank, total, cov.shape[0])
+    return mean, vecs[:, -q:].flip(1)
+
+
+class WeightFeatures:
+    """:func:`weight_features` per expert on demand: ``feats[e]`` is [D, 3H]."""
+
+    def __init__(self, experts: Experts):
+        self.experts = experts
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        return weight_features(self.experts, slice(e, e + 1))[0]
+
+
+class PCAFeatures:
+    """Weight features projected by one PCA per layer, per expert on demand: ``feats[e]`` is [D, q]."""
+
+    def __init__(self, experts: Experts, rank: int = 64):
+        self.experts = experts
+        self.mean, self.basis = _pca_basis(lambda sl: weight_features(experts, sl), experts.gate.shape[0], rank)
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        if e not in self._cache:
+            rows = weight_features(self.experts, slice(e, e + 1))[0].double()
+            self._cache[e] = F.normalize((rows - self.mean) @ self.basis, dim=-1).float()
+        return self._cache[e]
+
+
+class ActivationFeatures:
+    """Each neuron's activation vector over the sampled positions, per expert on demand: ``feats[e]`` is
+    [D, S], L2-normalised. ``stats`` is the layer's :class:`ExpertStats` (it keeps the sampled inputs)."""
+
+    def __init__(self, stats, block=None):
+        self.stats, self.block = stats, block
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        if e not in self._cache:
+            self._cache[e] = activation_features(self.stats.activations([e], self.block))[0]
+        return self._cache[e]
 
 
 def pca_features(feats: torch.Tensor, rank: int = 64, seed: int = 0) -> torch.Tensor:
     """Project [N, D, F] rows onto the top ``rank`` principal directions of all N * D rows (centred), then
-    normalise each row again. Deterministic for a seed (randomised low-rank SVD)."""
-    n, d, f = feats.shape
-    rows = feats.reshape(n * d, f)
-    q = min(rank, n * d, f)
-    centred = rows - rows.mean(0, keepdim=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        _, _, v = torch.pca_lowrank(centred, q=q, center=False, niter=4)
-    return F.normalize(centred @ v, dim=-1).reshape(n, d, q)
+    normalise each row again (the whole-layer form of :class:`PCAFeatures`; ``seed`` is unused: exact PCA)."""
+    n, d, _ = feats.shape
+    mean, basis = _pca_basis(lambda sl: feats[sl], n, rank)
+    return F.normalize((feats.double() - mean) @ basis, dim=-1).float()
 
 
 def activation_features(acts: torch.Tensor) -> torch.Tensor:
@@ -43,9 +101,9 @@ def activation_features(acts: torch.Tensor) -> torch.Tensor:
     return F.normalize(acts.float().transpose(1, 2), dim=-1)
 
 
-def align(centroid: int, other: int, *feature_sets: torch.Tensor) -> list[int]:
+def align(centroid: int, other: int, *feature_sets) -> list[int]:
     """Permutation ``perm`` with ``other``'s neuron ``perm[a]`` matched to the centroid's neuron ``a``,
-    minimising the summed distances over the given feature sets (each [N, D, F])."""
+    minimising the summed distances over the given feature sets (each indexable by expert: [D, F])."""
     from scipy.optimize import linear_sum_assignment
 
     cost = sum(torch.cdist(fs[centroid].double(), fs[other].double()) for fs in feature_sets)

@@ -15,7 +15,12 @@ budget), as REAP and REAM both require. One pass gathers everything any method n
 * ``out_sum`` [N, H]     sum over all tokens of E_i (HC-SMoE's characteristic activation)
 * ``in_sumsq`` [N, H], ``mid_sumsq`` [N, D]  sums over X_i of x^2 and h_i^2: an importance matrix per expert
 * ``logits``            router logits of every token [T, N] (REAM's logit profiles, M-SMoE's similarity)
-* ``act_samples``       h_i at a random subset of positions [N, S, D] (REAM's neuron alignment)
+* ``x_samples``         the MoE input at a random subset of positions [S, H]; REAM's neuron alignment needs
+                        h_i there, computed on demand (:meth:`ExpertStats.activations`) for the few experts
+                        that are merged, instead of storing [N, S, D] for all (34 GB at Qwen3-Next scale)
+
+Memory: the dense expert outputs are computed ``block_bytes`` at a time (a few experts per step), so the
+observation costs a few tens of MB however many experts the layer has.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ STAT_KEYS = ("freq", "prob_mass", "reap_sum", "paper_sum", "ref_chunk_sum", "ean
 class ObserveOptions:
     activation_samples: int = 32768       # positions of h_i kept per layer for alignment (0: none)
     keep_logits: bool = True              # REAM / M-SMoE need every token's router logits
-    block_bytes: int = 256 << 20          # memory for one block of dense expert outputs
+    block_bytes: int = 32 << 20           # memory for one block of dense expert outputs
     seed: int = 0
 
 
@@ -55,7 +60,8 @@ class ExpertStats:
         self.tokens = 0
         self.batches = 0
         self.logits: list[torch.Tensor] = []
-        self.act_samples: list[torch.Tensor] = []
+        self.x_samples: list[torch.Tensor] = []
+        self._block: MoEBlock | None = None        # the block observed last (for activations on demand)
         self._gen = torch.Generator().manual_seed(self.options.seed)
 
     # ------------------------------------------------------------------ accumulate
@@ -78,7 +84,9 @@ class ExpertStats:
         per = max(1, self.options.activation_samples // max(1, self.expected_batches))
         pos = (torch.randperm(t, generator=self._gen)[:per].to(x.device)
                if self.options.activation_samples else None)
-        samples = []
+        if pos is not None:
+            self.x_samples.append(x[pos].clone())
+        self._block = block
         n = block.num_experts
         step = max(1, int(self.options.block_bytes // max(1, t * (self.hidden + self.inter) * x.element_size())))
         for s in range(0, n, step):
@@ -97,11 +105,7 @@ class ExpertStats:
             self.gated_out_sum[sl] += torch.einsum("nt,nth->nh", p.to(e.dtype), e).double()
             self.out_sum[sl] += e.sum(1).double()
             self.mid_sumsq[sl] += torch.einsum("nt,ntd->nd", r.to(h.dtype), h * h).double()
-            if pos is not None:
-                samples.append(h[:, pos].float().cpu())
             del h, e
-        if samples:
-            self.act_samples.append(torch.cat(samples))
         self.tokens += t
         self.batches += 1
 
@@ -131,15 +135,27 @@ class ExpertStats:
     def all_logits(self) -> torch.Tensor:
         return torch.cat(self.logits) if self.logits else torch.empty(0, self.num_experts)
 
-    def activations(self) -> torch.Tensor:
-        """Sampled hidden activations [N, S, D]."""
-        return torch.cat(self.act_samples, dim=1) if self.act_samples else torch.empty(self.num_experts, 0, self.inter)
+    def sampled_inputs(self) -> torch.Tensor:
+        """The MoE inputs at the sampled positions [S, H]."""
+        return torch.cat(self.x_samples) if self.x_samples else torch.empty(0, self.hidden)
+
+    def activations(self, experts: list[int] | None = None, block: MoEBlock | None = None) -> torch.Tensor:
+        """Hidden activations h_i at the sampled positions [n, S, D] (float32) for ``experts`` (default: all),
+        computed from ``block`` (default: the block observed)."""
+        block = block or self._block
+        idx = torch.arange(self.num_experts) if experts is None else torch.as_tensor(experts, dtype=torch.long)
+        xs = self.sampled_inputs()
+        if block is None or not xs.numel():
+            return torch.empty(len(idx), 0, self.inter)
+        return block.expert_hidden(xs.to(block.router.dtype), idx.to(xs.device)).float().cpu()
 
     def summary_tensors(self) -> dict[str, torch.Tensor]:
         """The per-expert statistics worth keeping on disk (not the per-token logits or samples), each once;
-        counts and squared-input sums under the names the quantizer's importance matrix reads."""
+        counts and squared-input sums under the names the quantizer's importance matrix reads.
+        The per-expert vectors stay float64, so a plan made from the saved file equals one made here."""
         renamed = {"freq": "expert_tokens", "in_sumsq": "expert_in_sumsq", "mid_sumsq": "expert_mid_sumsq"}
-        return {renamed.get(k, k): getattr(self, k).float() for k in STAT_KEYS}
+        return {renamed.get(k, k): getattr(self, k) if getattr(self, k).ndim == 1 else getattr(self, k).float()
+                for k in STAT_KEYS}
 
 
 def fill_zero_saliency(s: torch.Tensor) -> torch.Tensor:

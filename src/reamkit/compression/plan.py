@@ -71,8 +71,10 @@ def top_k_indices(score: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k]
 
 
-def apply_plan(plan: LayerPlan, experts: Experts, router: torch.Tensor) -> tuple[Experts, torch.Tensor]:
-    """New (experts, router) for the plan; merges are computed in float32 and cast back."""
+def apply_plan(plan: LayerPlan, experts: Experts, router: torch.Tensor,
+               stack: bool = True) -> tuple[Experts, torch.Tensor]:
+    """New (experts, router) for the plan; merges are computed in float32 and cast back. With ``stack=False``
+    the experts come back as lists in which kept singletons are the input tensors themselves (no copy)."""
     plan.check()
     gate, up, down = [], [], []
     for g in plan.groups:
@@ -89,8 +91,9 @@ def apply_plan(plan: LayerPlan, experts: Experts, router: torch.Tensor) -> tuple
                 idx = torch.as_tensor(p, device=eg.device)
                 eg, eu, ed = eg[idx], eu[idx], ed[:, idx]
             acc_g, acc_u, acc_d = acc_g + w * eg, acc_u + w * eu, acc_d + w * ed
-        gate.append(acc_g.to(experts.gate.dtype))
-        up.append(acc_u.to(experts.up.dtype))
-        down.append(acc_d.to(experts.down.dtype))
-    new = Experts(torch.stack(gate), torch.stack(up), torch.stack(down))
+        c = g.centroid
+        gate.append(acc_g.to(experts.gate[c].dtype))
+        up.append(acc_u.to(experts.up[c].dtype))
+        down.append(acc_d.to(experts.down[c].dtype))
+    new = Experts(torch.stack(gate), torch.stack(up), torch.stack(down)) if stack else Experts(gate, up, down)
     return new, router[torch.as_tensor(plan.kept, device=router.device)].clone()

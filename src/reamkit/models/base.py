@@ -48,15 +48,16 @@ class Routing:
 
 @dataclass
 class Experts:
-    """Routed expert weights of one layer, stacked: gate/up [E, D, H], down [E, H, D]."""
+    """Routed expert weights of one layer, stacked: gate/up [E, D, H], down [E, H, D] (or lists of E
+    tensors [D, H] / [H, D], when copying them into one stack is not worth the memory)."""
 
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
+    gate: torch.Tensor | list[torch.Tensor]
+    up: torch.Tensor | list[torch.Tensor]
+    down: torch.Tensor | list[torch.Tensor]
 
     @property
     def num_experts(self) -> int:
-        return self.gate.shape[0]
+        return len(self.gate)
 
 
 def _experts_implementation() -> str:
@@ -146,28 +147,28 @@ class Adapter:
         return bool(re.match(rf"^({re.escape(self.per_expert_moe)}|{re.escape(self.moe)})\.experts\.", name))
 
     # ------------------------------------------------------------------ expert access
-    def experts(self, tensors: dict[str, torch.Tensor]) -> Experts:
-        """Stack a layer's routed experts whatever the on-disk layout."""
+    def experts(self, tensors: dict[str, torch.Tensor], stack: bool = True) -> Experts:
+        """A layer's routed experts whatever the on-disk layout: stacked tensors, or with ``stack=False``
+        lists of each expert's own tensors (no copy)."""
         layout = self.expert_layout(tensors)
         if layout == "fused":
             gate_up = tensors[f"{self.moe}.experts.gate_up_proj"]
             d = gate_up.shape[1] // 2
-            return Experts(gate_up[:, :d], gate_up[:, d:], tensors[f"{self.moe}.experts.down_proj"])
+            ex = Experts(gate_up[:, :d], gate_up[:, d:], tensors[f"{self.moe}.experts.down_proj"])
+            return ex if stack else Experts(list(ex.gate), list(ex.up), list(ex.down))
         g, u, dn = self.proj
         pre = f"{self.per_expert_moe}.experts"
         n = self._count_per_expert(tensors)
-        return Experts(
-            torch.stack([tensors[f"{pre}.{e}.{g}.weight"] for e in range(n)]),
-            torch.stack([tensors[f"{pre}.{e}.{u}.weight"] for e in range(n)]),
-            torch.stack([tensors[f"{pre}.{e}.{dn}.weight"] for e in range(n)]),
-        )
+        lists = [[tensors[f"{pre}.{e}.{p}.weight"] for e in range(n)] for p in (g, u, dn)]
+        return Experts(*(torch.stack(t) for t in lists)) if stack else Experts(*lists)
 
     def expert_tensors(self, experts: Experts, layout: ExpertLayout) -> dict[str, torch.Tensor]:
         """Relative tensor names for stacked experts in the given on-disk layout."""
         if layout == "fused":
+            st = lambda t: t if isinstance(t, torch.Tensor) else torch.stack(t)  # noqa: E731
             return {
-                f"{self.moe}.experts.gate_up_proj": torch.cat([experts.gate, experts.up], dim=1),
-                f"{self.moe}.experts.down_proj": experts.down,
+                f"{self.moe}.experts.gate_up_proj": torch.cat([st(experts.gate), st(experts.up)], dim=1),
+                f"{self.moe}.experts.down_proj": st(experts.down),
             }
         g, u, dn = self.proj
         pre = f"{self.per_expert_moe}.experts"
@@ -265,20 +266,53 @@ class Adapter:
         cfg._experts_implementation = _experts_implementation()
         return cfg
 
-    def module_state(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """On-disk layer tensors -> the state dict of transformers 5's decoder layer module."""
+    def module_state(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+                     expert_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """On-disk layer tensors -> the state dict of transformers 5's decoder layer module, cast to ``dtype``
+        (experts to ``expert_dtype``). Per-expert weights are copied straight into the fused tensors, with no
+        intermediate stacked copy."""
+        cast = lambda t, dt: t if dt is None else t.to(dt)  # noqa: E731
         if not any(self.is_expert_key(k) for k in tensors):
-            return dict(tensors)
-        return self.convert_layout(tensors, "fused")
+            return {k: cast(v, dtype) for k, v in tensors.items()}
+        layout = self.expert_layout(tensors)
+        out = {self._rename_moe(k, "fused") if layout == "per_expert" else k: cast(v, dtype)
+               for k, v in tensors.items() if not self.is_expert_key(k)}
+        gu, dn = f"{self.moe}.experts.gate_up_proj", f"{self.moe}.experts.down_proj"
+        if layout == "fused":
+            out[gu], out[dn] = cast(tensors[gu], expert_dtype), cast(tensors[dn], expert_dtype)
+            return out
+        g, u, d = self.proj
+        pre = f"{self.per_expert_moe}.experts"
+        n = self._count_per_expert(tensors)
+        first = tensors[f"{pre}.0.{g}.weight"]
+        dt = expert_dtype or first.dtype
+        inter, hidden = first.shape
+        gate_up = torch.empty(n, 2 * inter, hidden, dtype=dt, device=first.device)
+        down = torch.empty(n, hidden, inter, dtype=dt, device=first.device)
+        for e in range(n):
+            gate_up[e, :inter].copy_(tensors[f"{pre}.{e}.{g}.weight"])
+            gate_up[e, inter:].copy_(tensors[f"{pre}.{e}.{u}.weight"])
+            down[e].copy_(tensors[f"{pre}.{e}.{d}.weight"])
+        out[gu], out[dn] = gate_up, down
+        return out
 
     def build_layer(self, hf_config, index: int, tensors: dict[str, torch.Tensor],
                     dtype: torch.dtype | None = None) -> nn.Module:
-        """Build decoder layer ``index`` from its own tensors; no other layer is touched."""
+        """Build decoder layer ``index`` from its own tensors; no other layer is touched.
+
+        Routed experts stored in a narrower float type than ``dtype`` (a bf16 checkpoint computed in float32)
+        stay in it, and the layer widens one expert at a time as it computes (:mod:`.upcast`): the same
+        results, without a float32 copy of every expert."""
+        expert_dtype = dtype
+        stored = next((v.dtype for k, v in tensors.items() if self.is_expert_key(k)), None)
+        if (dtype is not None and stored is not None and stored.is_floating_point
+                and torch.finfo(stored).bits < torch.finfo(dtype).bits):
+            from .upcast import upcast_config
+
+            expert_dtype, hf_config = stored, upcast_config(hf_config)
         with torch.device("meta"):
             layer = self.hf_class("DecoderLayer")(hf_config, index)
-        state = self.module_state(tensors)
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
+        state = self.module_state(tensors, dtype, expert_dtype)
         missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
         missing = [m for m in missing if not m.endswith("inv_freq")]
         if missing or unexpected:

@@ -55,14 +55,15 @@ class MoEBlock:
         return x @ self.router.T
 
     def expert_hidden(self, x: torch.Tensor, idx: slice | torch.Tensor = slice(None)) -> torch.Tensor:
-        """``h_i(x)`` for the experts ``idx`` on every token: [n, T, D]."""
-        gate = torch.matmul(x, self.experts.gate[idx].transpose(1, 2))
-        up = torch.matmul(x, self.experts.up[idx].transpose(1, 2))
+        """``h_i(x)`` for the experts ``idx`` on every token: [n, T, D]. Expert weights stored in another dtype
+        (a bf16 checkpoint observed in float32) are widened a block of experts at a time."""
+        gate = torch.matmul(x, self.experts.gate[idx].to(x.dtype).transpose(1, 2))
+        up = torch.matmul(x, self.experts.up[idx].to(x.dtype).transpose(1, 2))
         return F.silu(gate) * up
 
     def expert_down(self, hidden: torch.Tensor, idx: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         """``E_i = W_down,i h_i`` for hidden activations [n, T, D]: [n, T, H]."""
-        return torch.matmul(hidden, self.experts.down[idx].transpose(1, 2))
+        return torch.matmul(hidden, self.experts.down[idx].to(hidden.dtype).transpose(1, 2))
 
     def shared_term(self, x: torch.Tensor) -> torch.Tensor:
         """The always-active part: ``sigmoid(shared_gate x) * shared_expert(x)``, or zeros."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..align import align, cosine_distance, weight_features
+from ..align import WeightFeatures, align, cosine_distance
 from ..plan import Group, LayerPlan, top_k_indices
 
 NAME = "m-smoe"
@@ -30,7 +30,7 @@ def plan_layer(inp) -> LayerPlan:
         nearest = dist[others][:, centroids].argmin(dim=1).tolist()
         for j, c in zip(others, nearest):
             groups[centroids[c]].append(j)
-    wf = weight_features(inp.block.experts) if others else None
+    wf = WeightFeatures(inp.block.experts)
     out = []
     for c in sorted(groups):
         members = groups[c]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import ReamkitError
-from ..align import activation_features, align, pca_features, weight_features
+from ..align import ActivationFeatures, PCAFeatures, align
 from ..observe import fill_zero_saliency
 from ..plan import Group, LayerPlan, top_k_indices
 
@@ -106,11 +106,12 @@ def plan_layer(inp) -> LayerPlan:
     dist = distance(inp)
     groups = pseudo_groups(sal, dist, inp.keep, int(opts["group_size"]))
     merging = opts["merging"]
-    feats: list[torch.Tensor] = []            # alignment costs; none with align=False (unaligned average)
-    if opts["align"] and merging in ("logits+weights", "logits"):
-        feats.append(activation_features(inp.stats.activations()))
-    if opts["align"] and merging in ("logits+weights", "weights") and any(len(m) > 1 for m in groups.values()):
-        feats.append(pca_features(weight_features(inp.block.experts), int(opts["pca_dim"]), int(opts["seed"])))
+    feats: list = []                          # alignment costs (per expert, computed on demand); none with
+    merges = any(len(m) > 1 for m in groups.values()) and merging != "none"     # align=False (unaligned average)
+    if opts["align"] and merges and merging in ("logits+weights", "logits"):
+        feats.append(ActivationFeatures(inp.stats, inp.block))
+    if opts["align"] and merges and merging in ("logits+weights", "weights"):
+        feats.append(PCAFeatures(inp.block.experts, int(opts["pca_dim"])))
     out = []
     for c in sorted(groups):
         members = groups[c] if merging != "none" else [c]

@@ -1,0 +1,60 @@
+"""Routed experts kept in the checkpoint's dtype inside a layer that computes in a wider one.
+
+A decoder layer of a bf16 checkpoint run in float32 would otherwise hold a float32 copy of every expert:
+twice the layer's bytes, the largest single item of the compression pass's memory. Instead the experts
+module keeps its bf16 parameters and this experts implementation (registered with transformers as
+``reamkit_upcast``) widens one expert's weights at a time, for the tokens routed to it. Widening bf16 to
+float32 is exact, so each expert computes what it would with float32 weights; the per-expert grouping and the
+final weighted sum over the top-k follow transformers' ``grouped_mm`` implementation.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+NAME = "reamkit_upcast"
+_configs: dict[int, object] = {}
+
+
+def upcast_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                           top_k_weights: torch.Tensor) -> torch.Tensor:
+    dtype = hidden_states.dtype
+    if self.has_bias or self.is_transposed or not self.has_gate or self._is_expert_parallel:
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
+        widened = copy.copy(self)
+        widened.gate_up_proj = torch.nn.Parameter(self.gate_up_proj.to(dtype), requires_grad=False)
+        widened.down_proj = torch.nn.Parameter(self.down_proj.to(dtype), requires_grad=False)
+        return grouped_mm_experts_forward(widened, hidden_states, top_k_index, top_k_weights)
+    num_tokens, hidden = hidden_states.shape
+    k = top_k_index.size(-1)
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    x = hidden_states[perm // k]
+    counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
+    out = torch.zeros(x.shape[0], hidden, dtype=dtype, device=x.device)
+    start = 0
+    for e, c in enumerate(counts[: self.num_experts]):
+        if c:
+            h = self._apply_gate(x[start:start + c] @ self.gate_up_proj[e].to(dtype).T)
+            out[start:start + c] = h @ self.down_proj[e].to(dtype).T
+            start += c
+    out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return out[inv].view(num_tokens, k, hidden).sum(dim=1).to(dtype)
+
+
+def upcast_config(hf_config):
+    """A copy of ``hf_config`` whose experts modules use :func:`upcast_experts_forward` (cached per config)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if NAME not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(NAME, upcast_experts_forward)
+    key = id(hf_config)
+    if key not in _configs:
+        cfg = copy.deepcopy(hf_config)
+        cfg._experts_implementation = NAME
+        _configs[key] = (hf_config, cfg)          # the original is kept so its id stays unique
+    return _configs[key][1]
