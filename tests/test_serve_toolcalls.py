@@ -154,13 +154,18 @@ def _feed_split(fixer, raw: bytes, step: int) -> bytes:
     return out + pending
 
 
+SEPARATORS = (", ", ": ")       # llama-server writes compact JSON (",", ":"); the tests run both
+
+
 def _oai_chunk(delta=None, finish=None) -> bytes:
     return b"data: " + json.dumps({"id": "c", "model": "m", "choices": [
-        {"index": 0, "delta": delta or {}, "finish_reason": finish}]}).encode() + b"\n\n"
+        {"index": 0, "delta": delta or {}, "finish_reason": finish}]}, separators=SEPARATORS).encode() + b"\n\n"
 
 
 @pytest.mark.parametrize("step", [1, 2, 7, 10_000])
-def test_openai_stream_holder_at_every_split(step):
+@pytest.mark.parametrize("compact", [False, True], ids=["spaced", "compact"])
+def test_openai_stream_holder_at_every_split(step, compact, monkeypatch):
+    monkeypatch.setattr(f"{__name__}.SEPARATORS", (",", ":") if compact else (", ", ": "))
     schemas = qwen3_coder.tool_schemas({"tools": TOOLS})
     first = [_oai_chunk({"tool_calls": [{"index": 0, "id": "a", "function": {"name": "configure", "arguments": ""}}]}),
              _oai_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"count": 3}'}}]})]
@@ -174,8 +179,25 @@ def test_openai_stream_holder_at_every_split(step):
     assert turned == "<tool_call>\n<function=write_file>\n<parameter=path>\nx\n</parameter>\n"
     assert events[4:] == [_oai_chunk(finish="length"), b"data: [DONE]\n\n"]
     # the same stream ending normally passes through byte for byte
-    ok = raw.replace(b'"finish_reason": "length"', b'"finish_reason": "tool_calls"')
+    ok = _oai_chunk({"content": "hi "}) + b"".join(first + second) + _oai_chunk(finish="tool_calls") + b"data: [DONE]\n\n"
     assert _feed_split(OpenAIToolStream(schemas), ok, step) == ok
+
+
+def test_plain_chunks_pass_without_parsing(monkeypatch):
+    """llama-server's text chunks (compact JSON, ``"finish_reason":null``) are not parsed; the rest are."""
+    from reamkit.serving import streams
+
+    parsed = []
+    monkeypatch.setattr(streams, "_data", lambda e, real=streams._data: parsed.append(e) or real(e))
+    text = [json.dumps({"choices": [{"finish_reason": None, "index": 0, "delta": {"content": f"w{i} "}}]},
+                       separators=(",", ":")).encode() for i in range(50)]
+    quoted = json.dumps({"choices": [{"finish_reason": None, "index": 0, "delta": {"content": '"tool_calls" x'}}]},
+                        separators=(",", ":")).encode()
+    end = json.dumps({"choices": [{"finish_reason": "stop", "index": 0, "delta": {}}]}, separators=(",", ":")).encode()
+    events = [b"data: " + t + b"\n\n" for t in [*text, quoted, end]]
+    fixer = streams.OpenAIToolStream(qwen3_coder.tool_schemas({"tools": TOOLS}))
+    assert [out for e in events for out in fixer.feed(e)] == events
+    assert parsed == [events[-1]]       # quotes inside text are escaped: '"tool_calls"' there is no false alarm
 
 
 def _ev(kind: str, **data) -> bytes:

@@ -45,6 +45,8 @@ class OpenAIToolStream:
         self.turned = 0
 
     def feed(self, event: bytes) -> list[bytes]:
+        if b'"finish_reason":null' in event and b'"tool_calls"' not in event:
+            return [event]            # plain text or usage, most chunks: nothing to hold or release, no parsing
         chunk = _data(event)
         choices = chunk.get("choices") if chunk else None
         if not choices:
@@ -98,6 +100,8 @@ class AnthropicToolStream:
         self.turned = 0
 
     def feed(self, event: bytes) -> list[bytes]:
+        if self.block is None and event.startswith((b"event: content_block_delta\n", b"event: ping\n")):
+            return [event]            # text while no call is held, most events: no parsing
         data = _data(event)
         kind = data.get("type") if data else None
         if kind == "content_block_start":
