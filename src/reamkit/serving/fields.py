@@ -70,7 +70,9 @@ LLAMA_EMBEDDINGS = frozenset({"content", "embd_normalize"})
 # the only extras llama-server's Anthropic conversion keeps
 LLAMA_ANTHROPIC = frozenset({"chat_template_kwargs"})
 
-# Extension fields real agents send beyond the SDK types (from their requests in the serve log).
+# Extension fields real agents send beyond the SDK types, from their requests' ``fields:`` in the ``-v`` log.
+# None so far: Claude Code 2.1.328 sends model, messages, system, tools, metadata, max_tokens, thinking,
+# context_management, output_config and stream, all defined by the (beta) Messages API.
 CLIENT_EXTRAS: frozenset[str] = frozenset()
 
 _CHAT = OPENAI_CHAT | LLAMA_GENERATION | LLAMA_CHAT | CLIENT_EXTRAS
