@@ -8,12 +8,12 @@ different neuron orders; averaging without aligning first mixes unrelated neuron
 Costs between neuron a of the centroid and neuron b of expert j (each an L2 distance of L2-normalised rows):
 * activation cost: the neurons' activation vectors over the sampled calibration positions [D, S];
 * weight cost: each neuron's concat(W_gate[a, :], W_up[a, :], W_down[:, a]) [3H], projected onto the top 64
-  principal directions of all N * D such rows (centred) and normalised again.
+  principal directions of all N * D such rows (centred; randomised SVD) and normalised again.
 
 Memory: the features are computed per expert when an alignment asks for them (:class:`ActivationFeatures`,
-:class:`PCAFeatures`), and only merged experts are ever aligned; the PCA is fitted from the rows' covariance
-[3H, 3H], accumulated a few experts at a time (exact, where a randomised SVD of all rows would hold the
-N * D * 3H matrix twice: 13 GB per layer at Qwen3-Next scale).
+:class:`PCAFeatures`), and only merged experts are ever aligned; the PCA's randomised SVD streams the rows a
+few experts at a time (holding the N * D * 3H rows, twice with centring, would take 13 GB per layer at
+Qwen3-Next scale).
 """
 
 from __future__ import annotations
@@ -31,22 +31,45 @@ def weight_features(experts: Experts, idx: slice | torch.Tensor = slice(None)) -
     return F.normalize(feats, dim=-1)
 
 
-def _pca_basis(rows_of, n: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean [F] and the top ``rank`` principal directions [F, q] of the rows ``rows_of(slice)`` gives for
-    experts 0..n-1 (float64 covariance, accumulated in blocks)."""
-    total = s1 = s2 = None
+def _pca_basis(rows_of, n: int, rank: int, seed: int = 0, niter: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [F] and the top ``rank`` principal directions [F, q] of the (centred) rows ``rows_of(slice)`` gives
+    for experts 0..n-1: the randomised SVD of ``torch.pca_lowrank`` (same random start for a seed, ``niter``
+    power iterations), computed with the rows streamed a few experts at a time instead of held at once."""
     step = 8
-    for s in range(0, n, step):
-        r = rows_of(slice(s, min(n, s + step))).double()
-        r = r.reshape(-1, r.shape[-1])
-        s1 = r.sum(0) if s1 is None else s1 + r.sum(0)
-        s2 = r.T @ r if s2 is None else s2 + r.T @ r
-        total = r.shape[0] if total is None else total + r.shape[0]
-    mean = s1 / total
-    cov = s2 - total * torch.outer(mean, mean)
-    _, vecs = torch.linalg.eigh(cov)                           # ascending eigenvalues
-    q = min(rank, total, cov.shape[0])
-    return mean, vecs[:, -q:].flip(1)
+    blocks = [slice(s, min(n, s + step)) for s in range(0, n, step)]
+
+    def rows(sl):
+        r = rows_of(sl)
+        return r.reshape(-1, r.shape[-1]).float()
+
+    total, acc = 0, None
+    for sl in blocks:
+        r = rows(sl)
+        acc = r.sum(0) if acc is None else acc + r.sum(0)
+        total += r.shape[0]
+    mean = acc / total
+    f = mean.numel()
+    q = min(rank, total, f)
+
+    def times(mat):                                  # (A - 1 mean^T) @ mat, [M, q]
+        return torch.cat([rows(sl) @ mat for sl in blocks]) - (mean @ mat)[None]
+
+    def t_times(mat):                                # (A - 1 mean^T)^T @ mat, [F, q]
+        out, start = torch.zeros(f, mat.shape[1]), 0
+        for sl in blocks:
+            r = rows(sl)
+            out += r.T @ mat[start:start + r.shape[0]]
+            start += r.shape[0]
+        return out - torch.outer(mean, mat.sum(0))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        start = torch.randn(f, q)
+    basis = torch.linalg.qr(times(start)).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(times(torch.linalg.qr(t_times(basis)).Q)).Q
+    _, _, vh = torch.linalg.svd(t_times(basis).T, full_matrices=False)
+    return mean.double(), vh.T.double()
 
 
 class WeightFeatures:
@@ -62,9 +85,9 @@ class WeightFeatures:
 class PCAFeatures:
     """Weight features projected by one PCA per layer, per expert on demand: ``feats[e]`` is [D, q]."""
 
-    def __init__(self, experts: Experts, rank: int = 64):
+    def __init__(self, experts: Experts, rank: int = 64, seed: int = 0):
         self.experts = experts
-        self.mean, self.basis = _pca_basis(lambda sl: weight_features(experts, sl), experts.gate.shape[0], rank)
+        self.mean, self.basis = _pca_basis(lambda sl: weight_features(experts, sl), len(experts.gate), rank, seed)
         self._cache: dict[int, torch.Tensor] = {}
 
     def __getitem__(self, e: int) -> torch.Tensor:
@@ -90,9 +113,9 @@ class ActivationFeatures:
 
 def pca_features(feats: torch.Tensor, rank: int = 64, seed: int = 0) -> torch.Tensor:
     """Project [N, D, F] rows onto the top ``rank`` principal directions of all N * D rows (centred), then
-    normalise each row again (the whole-layer form of :class:`PCAFeatures`; ``seed`` is unused: exact PCA)."""
+    normalise each row again (the whole-layer form of :class:`PCAFeatures`)."""
     n, d, _ = feats.shape
-    mean, basis = _pca_basis(lambda sl: feats[sl], n, rank)
+    mean, basis = _pca_basis(lambda sl: feats[sl], n, rank, seed)
     return F.normalize((feats.double() - mean) @ basis, dim=-1).float()
 
 

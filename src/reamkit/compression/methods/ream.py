@@ -111,7 +111,7 @@ def plan_layer(inp) -> LayerPlan:
     if opts["align"] and merges and merging in ("logits+weights", "logits"):
         feats.append(ActivationFeatures(inp.stats, inp.block))
     if opts["align"] and merges and merging in ("logits+weights", "weights"):
-        feats.append(PCAFeatures(inp.block.experts, int(opts["pca_dim"])))
+        feats.append(PCAFeatures(inp.block.experts, int(opts["pca_dim"]), int(opts["seed"])))
     out = []
     for c in sorted(groups):
         members = groups[c] if merging != "none" else [c]
