@@ -33,6 +33,11 @@ class Family(str, Enum):
     mixtral = "mixtral"
 
 
+class Executor(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class GGUFType(str, Enum):
     f32 = "f32"
     f16 = "f16"
@@ -122,28 +127,18 @@ def convert(
 @user_errors
 def demo(
     output: Annotated[Path, typer.Option("-o", "--output", help="folder for the demo outputs")] = Path("demo-out"),
+    executor: Annotated[Executor, typer.Option(help="local processes or an existing Ray cluster")] = Executor.local,
 ) -> None:
-    """Run the main job on the built-in trained demo model (today: REAM and REAP at 25% fewer experts, each and the
-    uncompressed model converted to GGUF, then doctor)."""
-    from .compression import CompressOptions
-    from .compression import compress as run_compress
-    from .gguf import convert_to_gguf
+    """The main job on the built-in trained demo model: REAM and REAP at 25% fewer experts plus the uncompressed
+    model, each through the 11-type ladder, evaluated, compared and carded (resumable: rerun to continue)."""
+    from .pipeline import validate
+    from .pipeline.demo import demo_config
     from .zoo import write_demo_model
 
     model_dir = write_demo_model(output / "demo-coder")
-    out.print(f"model: {model_dir} (the trained demo model; its card: {model_dir / 'README.md'})")
-    variants = {"demo-coder": model_dir}
-    for method in ("ream", "reap"):
-        with err.status(f"compressing with {method.upper()} (16 -> 12 experts per layer)"):
-            res = run_compress(model_dir, output / f"demo-coder-{method}-12e", CompressOptions(
-                method=method, ratio=0.25, samples=32, seq_len=256, batch_size=8))
-        out.print(f"{method}:  {res.output} (report: {res.output / 'compression' / 'report.md'})")
-        variants[res.output.name] = res.output
-    for name, path in variants.items():
-        with err.status(f"converting {name} to GGUF (f16)"):
-            gguf, _ = convert_to_gguf(path, output / f"{name}.f16.gguf", dtype="f16")
-        out.print(f"gguf:  {gguf} ({gguf.stat().st_size / 2**20:.1f} MiB)")
-    doctor()
+    out.print(f"model: {model_dir} (the trained demo model; its card: {model_dir / 'README.md'})", highlight=False)
+    cfg = validate(demo_config(model_dir, executor=executor.value), source="demo")
+    _run_and_summarize(cfg, output / "run")
 
 
 class AgentClient(str, Enum):
@@ -394,6 +389,84 @@ def humaneval(
     figures = ", ".join(f"pass@{k} {v:.4f}" for k, v in pass_at_k.items())
     out.print(f"HumanEval {figures} ({sum(r.passed for r in results)}/{len(results)} passed, {tasks} tasks)"
               + (f"; results: {where}" if where else ""), highlight=False, soft_wrap=True)
+
+
+def _run_and_summarize(cfg, output: Path) -> None:
+    from .pipeline import run_pipeline
+    from .pipeline.summary import print_summary
+    from .pipeline.view import LiveView
+
+    with LiveView(err) as view:
+        result = run_pipeline(cfg, output, view=view)
+    print_summary(result, out)
+
+
+@app.command("run")
+@user_errors
+def run_cmd(
+    config: Annotated[Path, typer.Argument(help="run configuration (TOML); see reamkit.pipeline.config")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="run folder (resumable: rerun to continue)")] = Path("reamkit-run"),
+) -> None:
+    """Run the release pipeline from a config file: compress, convert, imatrix, quantize, evaluate, compare, card."""
+    from .pipeline import load_config
+
+    _run_and_summarize(load_config(config), output)
+
+
+@app.command()
+@user_errors
+def release(
+    model: Annotated[str, typer.Argument(help="Hugging Face model folder, or hf:ORG/NAME")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="run folder (resumable: rerun to continue)")] = Path("reamkit-run"),
+    name: Annotated[str | None, typer.Option(help="file-name stem of the outputs (default: the model folder's name)")] = None,
+    methods: Annotated[str, typer.Option(help="compression methods to compare, comma-separated ('' for none)")] = "ream,reap",
+    experts: Annotated[int | None, typer.Option(help="experts kept per layer")] = None,
+    ratio: Annotated[float | None, typer.Option(help="fraction of experts removed (default 0.25)")] = None,
+    calib: Annotated[str, typer.Option(help="calibration mixture")] = "code=0.7,math=0.3",
+    samples: Annotated[int, typer.Option(help="calibration sequences")] = 128,
+    seq_len: Annotated[int, typer.Option(help="calibration sequence length")] = 512,
+    types: Annotated[str | None, typer.Option(help="quantization types, comma-separated (default: the 11-type ladder)")] = None,
+    tokens: Annotated[int, typer.Option(help="scored tokens per held-out set")] = 4096,
+    humaneval_limit: Annotated[int, typer.Option(help="HumanEval problems per variant (0: none)")] = 164,
+    speed: Annotated[bool, typer.Option(help="measure prompt and generation speed")] = True,
+    executor: Annotated[Executor, typer.Option(help="local processes or an existing Ray cluster")] = Executor.local,
+    workers: Annotated[int, typer.Option(help="parallel per-variant jobs")] = 2,
+    memory_gb: Annotated[float | None, typer.Option(help="memory budget for parallel jobs (default: 80% of free)")] = None,
+    ray_address: Annotated[str, typer.Option(help="Ray cluster address")] = "auto",
+) -> None:
+    """The release pipeline from flags (the same fields as a config file for ``reamkit run``)."""
+    from .pipeline import validate
+
+    compress = {"methods": [m.strip() for m in methods.split(",") if m.strip()], "calib": calib,
+                "samples": samples, "seq_len": seq_len}
+    if experts is not None:
+        compress["experts"] = experts
+    if ratio is not None:
+        compress["ratio"] = ratio
+    data = {"model": model if model.startswith("hf:") else str(Path(model).resolve()), "compress": compress,
+            "quantize": {"types": [t for t in types.split(",") if t.strip()]} if types else {},
+            "evaluate": {"tokens": tokens, "humaneval_limit": humaneval_limit, "speed": speed},
+            "executor": {"kind": executor.value, "workers": workers, "memory_gb": memory_gb,
+                         "ray_address": ray_address}}
+    if name:
+        data["name"] = name
+    cfg = validate(data, source="options")
+    _run_and_summarize(cfg, output)
+
+
+@app.command()
+@user_errors
+def status(run_dir: Annotated[Path, typer.Argument(help="run folder")]) -> None:
+    """Where a run stands: each stage done, to do, or stale (its inputs or parameters changed)."""
+    from .pipeline import stage_rows
+    from .pipeline.runner import running_pid
+    from .pipeline.view import status_table
+
+    _, rows = stage_rows(run_dir)
+    out.print(status_table(rows, running_pid(run_dir)))
+    done = sum(r[1] == "done" for r in rows)
+    out.print(f"{done} of {len(rows)} stages done; log: {run_dir / 'pipeline.log'}", highlight=False)
+
 
 @app.command()
 @user_errors

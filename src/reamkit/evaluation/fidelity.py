@@ -208,10 +208,9 @@ def evaluate_fidelity(variants: list[Path], reference: Path, run_dir: Path, opts
             with atomic_file(kld) as tmp:
                 args = ["-m", reference, "-f", txt, "-c", opts.ctx, "--chunks", chunks, "--kl-divergence-base", tmp,
                         *_threads(opts)]
-                lines = run_tool("llama-perplexity", args)
-                if not parse_base_ppl("\n".join(lines)):     # a lost last log line (see below): once more
-                    lines = run_tool("llama-perplexity", args)
-                base = parse_base_ppl("\n".join(lines))
+                text = _perplexity(args, lambda t: bool(parse_base_ppl(t)))
+                base = parse_base_ppl(text)
+                lines = text.splitlines()
                 scored = _scored_tokens("\n".join(lines), opts.ctx)
                 if not base or scored < MIN_TOKENS:
                     raise ReamkitError(f"the evaluation set {name!r} is too short for --ctx {opts.ctx}: "
@@ -230,16 +229,30 @@ def evaluate_fidelity(variants: list[Path], reference: Path, run_dir: Path, opts
             if progress:
                 progress(f"{res.variant}: {name}")
             args = ["-m", p, "--kl-divergence-base", kld, "--kl-divergence", *_threads(opts)]
-            try:
-                figures = parse_kld_output("\n".join(run_tool("llama-perplexity", args)))
-            except ReamkitError:   # llama.cpp's asynchronous log can lose its last lines at exit: once more
-                figures = parse_kld_output("\n".join(run_tool("llama-perplexity", args)))
+            figures = parse_kld_output(_perplexity(args, lambda t: "Same top p:" in t))
             res.sets[name] = {**figures, "tokens": base["tokens"], "ctx": opts.ctx}
         write_json(out_dir / f"{res.variant}.json", {
             **res.as_dict(), "reference": str(reference), "reference_fingerprint": ref_fp,
             "variant_fingerprint": gguf_fingerprint(p), "bytes": p.stat().st_size})
         results.append(res)
     return results
+
+
+def _perplexity(args: list, complete: Callable[[str], bool], attempts: int = 8) -> str:
+    """Run llama-perplexity until its log is complete.
+
+    The pinned llama.cpp logs from a worker thread and deliberately never joins it at exit (its logger is leaked on
+    purpose, upstream issue 22142), so the final burst of lines (the summary we parse) is lost whenever that thread
+    is not scheduled before the process ends: often on a loaded machine (a third or more of the runs on 2 busy
+    cores), rarely on an idle one. The computation itself is complete and deterministic, so running it again is
+    correct, only slower.
+    """
+    text = ""
+    for _ in range(attempts):
+        text = "\n".join(run_tool("llama-perplexity", args))
+        if complete(text):
+            break
+    return text
 
 
 def _scored_tokens(text: str, ctx: int) -> int:

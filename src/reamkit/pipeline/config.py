@@ -93,7 +93,7 @@ class QuantizeConfig(_Strict):
 
 
 class EvaluateConfig(_Strict):
-    tokens: int = Field(4096, ge=16)
+    tokens: int = Field(4096, ge=100)
     ctx: int = Field(512, ge=32)
     sets: list[Literal["code", "math"]] = ["code", "math"]
     humaneval_limit: int = Field(164, ge=0, le=164)

@@ -7,7 +7,8 @@
       models/<name>-<method>-<N>e/       compressed checkpoints               (compress:<method>)
       gguf/<model>/<model>.<DTYPE>.gguf  reference GGUF + importance matrix   (prepare:<model>)
       gguf/<model>/<model>.<TYPE>.gguf   one per ladder type                  (quantize:<model>:<TYPE>)
-      reference/, fidelity/, humaneval/, speed/                               (reference, evaluate:<variant>)
+      reference/, fidelity/, humaneval/                                       (reference, evaluate:<variant>)
+      speed/                                                                  (speed:<variant>, each run alone)
       variants.json, report/             table, plots, card                   (compare, card)
 
 A stage's key hashes its kind, its own parameters and the keys of the stages it depends on, so changing one
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +33,7 @@ HEAVY, JOB = "heavy", "job"
 @dataclass
 class Stage:
     id: str                       # e.g. "quantize:demo-coder-ream-12e:Q4_K_M"
-    kind: str                     # compress | prepare | quantize | reference | evaluate | compare | card
+    kind: str                     # compress | prepare | quantize | reference | evaluate | speed | compare | card
     params: dict
     deps: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)    # paths relative to the run folder
@@ -113,25 +115,29 @@ def build_plan(cfg: RunConfig, model_config: dict, num_experts: int | None, fing
 
     reference = f"{name}.{dtype}"
     e = cfg.evaluate
-    ev = {"tokens": e.tokens, "ctx": e.ctx, "sets": list(e.sets), "threads": e.threads}
+    # parallel jobs share the cores; more threads than cores makes llama.cpp's spinning workers fight each other
+    threads = e.threads or max(1, (os.cpu_count() or 1) // cfg.executor.workers)
+    ev = {"tokens": e.tokens, "ctx": e.ctx, "sets": list(e.sets), "threads": threads}
     _add(stages, Stage("reference", "reference", {"reference": variants[reference]["path"], **ev},
                        deps=[f"prepare:{name}"], outputs=["reference"]))
     for v, info in variants.items():
         producer = f"prepare:{info['model']}" if info["type"] == dtype else \
             f"quantize:{info['model']}:{info['type'].removesuffix(suffix)}"
-        outs = [f"fidelity/{v}.json"]
-        if e.humaneval_limit:
-            outs.append(f"humaneval/{v}.json")
-        if e.speed:
-            outs.append(f"speed/{v}.json")
         _add(stages, Stage(f"evaluate:{v}", "evaluate", {
             "variant": info["path"], "reference": variants[reference]["path"], **ev,
-            "humaneval_limit": e.humaneval_limit, "humaneval_max_tokens": e.humaneval_max_tokens,
-            "speed": e.speed, "speed_prompt": e.speed_prompt, "speed_gen": e.speed_gen,
-            "speed_repetitions": e.speed_repetitions}, deps=[producer, "reference"], outputs=outs))
-    evals = [s for s in stages if s.startswith("evaluate:")]
-    _add(stages, Stage("compare", "compare", {"variants": variants, "reference": reference},
-                       deps=evals, outputs=["variants.json", "report/compare.json"]))
+            "humaneval_limit": e.humaneval_limit, "humaneval_max_tokens": e.humaneval_max_tokens},
+            deps=[producer, "reference"],
+            outputs=[f"fidelity/{v}.json"] + ([f"humaneval/{v}.json"] if e.humaneval_limit else [])))
+        if e.speed:    # alone on the machine, every core: a speed measured beside other jobs says little
+            _add(stages, Stage(f"speed:{v}", "speed", {
+                "variant": info["path"], "prompt": e.speed_prompt, "gen": e.speed_gen,
+                "repetitions": e.speed_repetitions, "threads": e.threads}, deps=[producer],
+                outputs=[f"speed/{v}.json"], mode=HEAVY))
+    evals = [s for s in stages if s.startswith(("evaluate:", "speed:"))]
+    base = cfg.model.removeprefix("hf:") if cfg.model.startswith("hf:") else Path(cfg.model).name
+    run = {"model_name": name, "base_model": base, "description": cfg.description, "calibration": c.calib}
+    _add(stages, Stage("compare", "compare", {"variants": variants, "reference": reference, "run": run},
+                       deps=evals, outputs=["variants.json", "run.json", "report/compare.json"]))
     _add(stages, Stage("card", "card", {"model": name, "config": json.loads(cfg.fingerprint_params())},
                        deps=["compare"], outputs=["report/README.md"]))
     return Plan(cfg, stages, models, variants, reference)

@@ -20,7 +20,7 @@ import psutil
 
 from ..errors import ReamkitError
 from ..fsutil import atomic_file, clean_stale_temps, write_json
-from .config import RunConfig
+from .config import RunConfig, to_toml
 from .executors import make_executor
 from .plan import HEAVY, Plan, Stage, build_plan, run_folder_paths
 
@@ -80,7 +80,7 @@ class _Log:
             f.write(f"{stamp} {line}\n")
 
 
-def run_pipeline(cfg: RunConfig, run_dir: Path, *, view: Callable | None = None, config_text: str | None = None) -> RunResult:
+def run_pipeline(cfg: RunConfig, run_dir: Path, *, view: Callable | None = None) -> RunResult:
     """Run (or resume) ``cfg`` in ``run_dir``. ``view`` receives events: (event, stage, info)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -91,17 +91,16 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, *, view: Callable | None = None,
     except BlockingIOError:
         raise ReamkitError(f"another reamkit run is working in {run_dir}", fix="wait for it, or use another folder") from None
     try:
-        return _run_locked(cfg, run_dir, paths, view or (lambda *a: None), config_text)
+        return _run_locked(cfg, run_dir, paths, view or (lambda *a: None))
     finally:
         lock.close()
 
 
-def _run_locked(cfg: RunConfig, run_dir: Path, paths: dict, view: Callable, config_text: str | None) -> RunResult:
+def _run_locked(cfg: RunConfig, run_dir: Path, paths: dict, view: Callable) -> RunResult:
     plan = plan_for(cfg)
     _sweep_stale_temps(run_dir)
-    if config_text is not None:
-        with atomic_file(paths["config"]) as tmp:
-            tmp.write_text(config_text, encoding="utf-8")
+    with atomic_file(paths["config"]) as tmp:          # what ``reamkit status`` reads back
+        tmp.write_text(to_toml(cfg), encoding="utf-8")
     log = _Log(paths["log"])
     state = load_state(run_dir)
     records: dict = state["stages"]

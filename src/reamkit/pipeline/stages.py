@@ -119,19 +119,21 @@ def _evaluate(root: Path, p: dict) -> None:
 
         run_humaneval(variant, root, HumanEvalOptions(limit=p["humaneval_limit"], max_tokens=p["humaneval_max_tokens"],
                                                       threads=p["threads"]))
-    if p["speed"]:
-        from ..evaluation.speed import SpeedOptions, measure_speed
 
-        measure_speed(variant, root, SpeedOptions(prompt=p["speed_prompt"], gen=p["speed_gen"],
-                                                  repetitions=p["speed_repetitions"], threads=p["threads"]))
+
+def _speed(root: Path, p: dict) -> None:
+    from ..evaluation.speed import SpeedOptions, measure_speed
+
+    measure_speed(root / p["variant"], root, SpeedOptions(prompt=p["prompt"], gen=p["gen"],
+                                                          repetitions=p["repetitions"], threads=p["threads"]))
 
 
 def _compare(root: Path, p: dict) -> None:
     from ..fsutil import write_json
-    from ..report import compare
+    from ..report import compare, write_variants
 
-    write_json(root / "variants.json", {v: {**info, "path": str(root / info["path"])}
-                                        for v, info in p["variants"].items()})
+    write_variants(root, {v: {**info, "path": str(root / info["path"])} for v, info in p["variants"].items()})
+    write_json(root / "run.json", p["run"])
     compare(root)
 
 
@@ -142,4 +144,4 @@ def _card(root: Path, p: dict) -> None:
 
 
 _KINDS = {"compress": _compress, "prepare": _prepare, "quantize": _quantize, "reference": _reference,
-          "evaluate": _evaluate, "compare": _compare, "card": _card}
+          "evaluate": _evaluate, "speed": _speed, "compare": _compare, "card": _card}

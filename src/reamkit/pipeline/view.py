@@ -14,7 +14,7 @@ from rich.text import Text
 from .plan import Plan, Stage
 
 KIND_LABELS = {"compress": "compress", "prepare": "convert + imatrix", "quantize": "quantize", "reference":
-               "reference logits", "evaluate": "evaluate", "compare": "compare", "card": "card"}
+               "reference logits", "evaluate": "evaluate", "speed": "speed", "compare": "compare", "card": "card"}
 
 
 class LiveView:

@@ -113,6 +113,7 @@ def card_markdown(comp: Comparison, *, model_name: str | None = None, repo: str 
            *[f"- {m}" for m in methods], "quantized_by: reamkit", "---", "",
            f"# {name} GGUF", "", "## About", "",
            f"Quantized GGUF variants of **{name}** (base model: {base}), made and measured with reamkit.", "",
+           *([str(run["description"]), ""] if run.get("description") else []),
            *_compression_lines(compression_facts(comp.run_dir)),
            f"- Quantized with llama.cpp commit `{commit}` (pinned by reamkit in `constraints.txt`).", "",
            "## Usage", "",
