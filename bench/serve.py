@@ -1,14 +1,22 @@
 #!/usr/bin/env python3
-"""Generation speed through ``reamkit serve`` against llama-bench's ``tg`` on the same GGUF and threads.
+"""Generation speed through ``reamkit serve`` against llama-bench's ``tg`` on the same GGUF and threads, robust to a
+shared machine; and the CPU cost per streamed chunk of reamkit's layer.
 
-    .venv/bin/python bench/serve.py MODEL.gguf [--threads 2] [--tokens 128] [--runs 5]
+    .venv/bin/python bench/serve.py MODEL.gguf [--threads 2] [--tokens 256] [--rounds 7]
+    .venv/bin/python bench/serve.py --chunks-only          # the layer's cost per chunk; no model needed
 
-Prints three figures and their ratios:
-  * llama-bench tg<N>: pure decoding, no HTTP, no sampling (the ceiling);
-  * llama-server directly: a streamed chat completion, tokens/s from the first to the last token;
-  * reamkit serve: the same request through reamkit's layer.
-``serve / bench`` is the number to watch (target >= 0.95 on a real model, where a token takes milliseconds);
-``serve / llama-server`` isolates reamkit's own layer. Every generation is exactly N tokens (``ignore_eos``).
+Three sides decode the same number of tokens after the same number of prompt tokens, greedily, without
+speculative decoding, on the same threads (count and CPUs):
+  * ``bench``  llama-bench ``-p 0 -n N -d P`` (P = the server prompt's token count): decoding only, the ceiling;
+  * ``direct`` llama-server started with exactly the command line reamkit serve gives it;
+  * ``serve``  ``reamkit serve``: the same llama-server behind reamkit's layer.
+The servers get one warm-up request each, not counted. The sides then run in rounds (bench, direct, serve;
+the order rotates every round), so a neighbour's burst hits all three alike, and each round gives paired
+ratios. Streamed speed is (tokens - 1) / (last token - first token) as the client receives them; ``server``
+is llama-server's own ``timings.predicted_per_second`` of the same request. Printed: median ratio
+``serve / bench`` (target >= 0.95) with its spread over rounds, ``serve / direct`` (reamkit's own layer),
+streamed / server speed of the same request (robust to load: both are timed over the same moments), the
+1-minute load average seen during the run, and the threads used.
 """
 
 from __future__ import annotations
@@ -16,67 +24,58 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_chunks import chunk_costs  # noqa: E402
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+PROMPT = "Write a long story about a lighthouse keeper and the sea, with many details."
 
 
-def llama_bench_tg(bench: Path, model: Path, threads: int, tokens: int, runs: int) -> float:
-    out = subprocess.run([str(bench), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(tokens),
-                          "-r", str(runs), "-o", "json"], capture_output=True, text=True, check=True)
+def llama_bench_tg(tool: Path, model: Path, threads: int, tokens: int, depth: int, env: dict, pin) -> float:
+    from reamkit.toolchain import repack_args
+
+    cmd = [str(tool), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(tokens), "-d", str(depth),
+           "-r", "1", "-o", "json", *repack_args("llama-bench")]     # repacking as the servers have it
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, preexec_fn=pin)
     return float(json.loads(out.stdout)[0]["avg_ts"])
 
 
-def streamed_tps(url: str, key: str, tokens: int, runs: int) -> float:
-    """Median tokens/s between the first and the last streamed token of a chat completion."""
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Write a long story."}],
-                       "max_tokens": tokens, "ignore_eos": True, "stream": True, "temperature": 0}).encode()
-    speeds = []
-    for _ in range(runs + 1):                       # the first run warms the prompt cache; not counted
-        req = urllib.request.Request(url + "/v1/chat/completions", data=body, headers={
-            "Content-Type": "application/json", "Authorization": f"Bearer {key}"})
-        first = last = None
-        n = 0
-        with urllib.request.urlopen(req, timeout=600) as r:
-            for line in r:
-                if not line.startswith(b"data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                    last = time.perf_counter()
-                    first = first or last
-                    n += 1
-        speeds.append((n - 1) / (last - first))
-    return statistics.median(speeds[1:])
+def stream(url: str, key: str, tokens: int) -> tuple[float, float, int, int]:
+    """(client tok/s first->last token, llama-server's predicted_per_second, tokens, prompt tokens)."""
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens,
+                       "ignore_eos": True, "stream": True, "temperature": 0, "top_k": 1,
+                       "stream_options": {"include_usage": True}, "timings_per_token": False}).encode()
+    req = urllib.request.Request(url + "/v1/chat/completions", data=body, headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    first = last = None
+    n, server_tps, prompt_n = 0, float("nan"), 0
+    with urllib.request.urlopen(req, timeout=900) as r:
+        for line in r:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                last = time.perf_counter()
+                first = first or last
+                n += 1
+            if chunk.get("timings"):
+                server_tps = chunk["timings"].get("predicted_per_second", server_tps)
+            if chunk.get("usage"):
+                n_usage, prompt_n = chunk["usage"]["completion_tokens"], chunk["usage"]["prompt_tokens"]
+                if n_usage != tokens:
+                    sys.exit(f"asked for {tokens} tokens, got {n_usage}")
+    return (n - 1) / (last - first), server_tps, n, prompt_n
 
 
-def request_ms(url: str, key: str, n: int = 40) -> float:
-    """Median wall time of a one-token, non-streamed chat completion (the per-request cost of each layer)."""
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
-    times = []
-    for _ in range(n + 2):
-        req = urllib.request.Request(url + "/v1/chat/completions", data=body, headers={
-            "Content-Type": "application/json", "Authorization": f"Bearer {key}"})
-        t0 = time.perf_counter()
-        with urllib.request.urlopen(req, timeout=60) as r:
-            r.read()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times[2:])
-
-
-def wait_health(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_health(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -91,62 +90,130 @@ def wait_health(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     sys.exit("server did not become healthy")
 
 
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), start_new_session=True)
+class LoadSampler:
+    """The 1-minute load average every few seconds while the bench runs."""
+
+    def __init__(self, every: float = 5.0):
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+
+    def _run(self, every: float) -> None:
+        while not self._stop.is_set():
+            self.samples.append(os.getloadavg()[0])
+            self._stop.wait(every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+def spread(values: list[float]) -> str:
+    q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
+    return f"{statistics.median(values):.3f} (IQR {q[0]:.3f}-{q[2]:.3f}, range {min(values):.3f}-{max(values):.3f})"
+
+
+def run_model(args) -> None:
+    from reamkit.serving.server import ServeOptions, free_port, llama_server_command
+    from reamkit.toolchain import find_toolchain, repack_env
+
+    tc = find_toolchain()
+    cpus = sorted(os.sched_getaffinity(0))[: args.threads]
+    pin = lambda: os.sched_setaffinity(0, cpus)  # noqa: E731   all three sides on the same CPUs
+    key, tmp = "bench", Path(tempfile.mkdtemp(prefix="reamkit-bench-"))
+    spec = ["--spec-type", "none"]
+    opts = ServeOptions(ctx=4096, parallel=1, threads=args.threads, extra_args=spec)
+
+    port = free_port()
+    direct_cmd = llama_server_command(tc.tool("llama-server"), args.model, opts, port, key, "m")
+    procs = {"direct": subprocess.Popen(direct_cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "direct.log", "wb"),
+                                        env={**os.environ, **repack_env("llama-server")}, preexec_fn=pin,
+                                        start_new_session=True)}
+    urls = {"direct": f"http://127.0.0.1:{port}"}
+    port = free_port()
+    serve_cmd = [sys.executable, "-m", "reamkit.cli", "serve", str(args.model), "--port", str(port), "--api-key", key,
+                 "--ctx", "4096", "--parallel", "1", "--threads", str(args.threads), "--llama-arg=--spec-type",
+                 "--llama-arg=none", "--log-file", str(tmp / "serve-llama.log")]
+    procs["serve"] = subprocess.Popen(serve_cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "wb"),
+                                      preexec_fn=pin, start_new_session=True)
+    urls["serve"] = f"http://127.0.0.1:{port}"
+    results: dict[str, list[float]] = {"bench": [], "direct": [], "serve": [], "direct_server": [], "serve_server": []}
+    rounds: list[dict[str, float]] = []
+    try:
+        for side in ("direct", "serve"):
+            wait_health(urls[side], procs[side])
+        time.sleep(1.0)
+        depth = 0
+        for side in ("direct", "serve"):                    # warm-up, not counted
+            tps, _, _, depth = stream(urls[side], key, args.tokens)
+            print(f"  warm-up {side}: {tps:.1f} tok/s, {depth} prompt tokens", flush=True)
+        env = {**os.environ, **repack_env("llama-bench")}
+        bench_tool = tc.tool("llama-bench")
+        with LoadSampler() as load:
+            for r in range(args.rounds):
+                order = ["bench", "direct", "serve"]
+                order = order[r % 3:] + order[:r % 3]
+                got: dict[str, float] = {}
+                for side in order:
+                    if side == "bench":
+                        got["bench"] = llama_bench_tg(bench_tool, args.model, args.threads, args.tokens, depth, env,
+                                                      pin)
+                    else:
+                        got[side], got[f"{side}_server"], _, _ = stream(urls[side], key, args.tokens)
+                rounds.append(got)
+                for k, v in got.items():
+                    results[k].append(v)
+                print(f"  round {r + 1}: " + "  ".join(f"{k} {got[k]:.1f}" for k in ("bench", "direct", "serve"))
+                      + f"  tok/s  (load {os.getloadavg()[0]:.2f})", flush=True)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, 15)
+                p.wait(30)
+
+    size = args.model.stat().st_size / 2**20
+    print(f"\nmodel {args.model.name} ({size:.0f} MiB), {args.threads} threads on CPUs {cpus}, "
+          f"{args.tokens} generated tokens after {depth} prompt tokens, greedy, no speculative decoding, "
+          f"{args.rounds} rounds")
+    print(f"load average (1 min) during the run: median {statistics.median(load.samples):.2f}, "
+          f"range {min(load.samples):.2f}-{max(load.samples):.2f}, on {os.cpu_count()} CPUs")
+    for k, label in (("bench", "llama-bench tg"), ("direct", "llama-server (streamed)"),
+                     ("direct_server", "llama-server (its timings)"), ("serve", "reamkit serve (streamed)"),
+                     ("serve_server", "reamkit serve (llama-server timings)")):
+        print(f"  {label:38s} median {statistics.median(results[k]):8.1f} tok/s")
+    print(f"serve / bench:  {spread([g['serve'] / g['bench'] for g in rounds])}   (target >= 0.95)")
+    print(f"direct / bench: {spread([g['direct'] / g['bench'] for g in rounds])}")
+    print(f"serve / direct: {spread([g['serve'] / g['direct'] for g in rounds])}   (reamkit's own layer)")
+    print("streamed / llama-server's own timing of the same request (both clocks see the same moments, so a\n"
+          "neighbour's burst cancels out; what the HTTP path costs in delivered tokens/s):")
+    print(f"  direct: {spread([g['direct'] / g['direct_server'] for g in rounds])}")
+    print(f"  serve:  {spread([g['serve'] / g['serve_server'] for g in rounds])}")
+    if statistics.median(load.samples) > len(cpus):
+        print(f"note: the load average ({statistics.median(load.samples):.1f}) exceeded the {len(cpus)} CPUs used: the "
+              f"three sides ran at different moments under different contention, so the ratios between them say "
+              f"little; rerun on a quiet machine")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", type=Path)
+    ap.add_argument("model", type=Path, nargs="?")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=256, help="generated tokens per request and per llama-bench run")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--chunks", type=int, default=2000, help="streamed chunks for the per-chunk cost")
+    ap.add_argument("--chunks-only", action="store_true")
     args = ap.parse_args()
-
-    from reamkit.toolchain import find_toolchain
-
-    tc = find_toolchain()
-    key, tmp = "bench", Path(tempfile.mkdtemp(prefix="reamkit-bench-"))
-    common = ["--ctx", "4096", "--parallel", "1", "--threads", str(args.threads)]
-
-    bench = llama_bench_tg(tc.tool("llama-bench"), args.model, args.threads, args.tokens, args.runs)
-
-    port = free_port()
-    direct = start([str(tc.tool("llama-server")), "-m", str(args.model), "--host", "127.0.0.1", "--port", str(port),
-                    "--api-key", key, "-c", "4096", "-np", "1", "--kv-unified", "--jinja", "--no-webui",
-                    "-t", str(args.threads), "-tb", str(args.threads)], tmp / "llama-server.log")
-    try:
-        wait_health(f"http://127.0.0.1:{port}", direct)
-        raw = streamed_tps(f"http://127.0.0.1:{port}", key, args.tokens, args.runs)
-        raw_ms = request_ms(f"http://127.0.0.1:{port}", key)
-    finally:
-        stop(direct)
-
-    port = free_port()
-    served = start([sys.executable, "-m", "reamkit.cli", "serve", str(args.model), "--port", str(port), "--api-key", key,
-                    *common, "--log-file", str(tmp / "serve-llama.log")], tmp / "serve.log")
-    try:
-        wait_health(f"http://127.0.0.1:{port}", served)
-        time.sleep(0.5)
-        via = streamed_tps(f"http://127.0.0.1:{port}", key, args.tokens, args.runs)
-        via_ms = request_ms(f"http://127.0.0.1:{port}", key)
-    finally:
-        stop(served)
-
-    print(f"model {args.model.name}, {args.threads} threads, {args.tokens} tokens, median of {args.runs} runs")
-    print(f"  llama-bench tg{args.tokens}:     {bench:9.1f} tok/s")
-    print(f"  llama-server (direct): {raw:9.1f} tok/s   {raw / bench:.3f} of llama-bench")
-    print(f"  reamkit serve:         {via:9.1f} tok/s   {via / bench:.3f} of llama-bench, "
-          f"{via / raw:.3f} of llama-server")
-    print(f"  one-token request:     {raw_ms:.1f} ms direct, {via_ms:.1f} ms through reamkit serve "
-          f"(+{via_ms - raw_ms:.1f} ms per request)")
-    print(f"serve/bench ratio: {via / bench:.3f} (target >= 0.95)")
+    if not args.chunks_only:
+        if args.model is None:
+            ap.error("give a GGUF, or --chunks-only")
+        run_model(args)
+    print(f"\nreamkit's layer, CPU per streamed chunk (stub upstream, {args.chunks} chunks, median of 5):")
+    for label, us in chunk_costs(args.chunks).items():
+        print(f"  {label:44s} {us:7.1f} us")
 
 
 if __name__ == "__main__":
