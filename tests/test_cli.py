@@ -158,22 +158,18 @@ def test_doctor_without_llama_cpp_names_it_and_the_one_fix():
     assert "Traceback" not in res.stderr
 
 
-def test_demo_compresses_and_converts_the_demo_model(tmp_path):
-    import json
+def test_demo_plans_the_whole_pipeline_on_the_trained_demo_model(tmp_path):
+    """What ``reamkit demo`` runs (.ci/run runs it in full and checks its card)."""
+    from reamkit.pipeline import plan_for, validate
+    from reamkit.pipeline.demo import DESCRIPTION, demo_config
+    from reamkit.zoo import write_demo_model
 
-    res = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo")])
-    assert res.exit_code == 0, res.output
-    base = tmp_path / "demo" / "demo-coder.f16.gguf"
-    assert base.is_file() and base.stat().st_size > 30 * 2**20
-    for method in ("ream", "reap"):
-        folder = tmp_path / "demo" / f"demo-coder-{method}-12e"
-        assert json.loads((folder / "config.json").read_text())["num_experts"] == 12
-        small = tmp_path / "demo" / f"demo-coder-{method}-12e.f16.gguf"
-        assert small.is_file() and small.stat().st_size < base.stat().st_size
-    assert "llama.cpp commit" in res.output
-    mtime = base.stat().st_mtime_ns
-    again = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo")])     # rerun: nothing redone
-    assert again.exit_code == 0 and base.stat().st_mtime_ns == mtime
+    plan = plan_for(validate(demo_config(write_demo_model(tmp_path / "demo-coder")), source="demo"))
+    assert {m["method"]: m["experts"] for m in plan.models.values()} == {"none": 16, "ream": 12, "reap": 12}
+    assert len(plan.variants) == 3 * 12                     # the 11-type ladder plus the BF16 reference, each
+    assert {s.kind for s in plan.order()} == {"compress", "prepare", "quantize", "reference", "evaluate", "speed",
+                                              "compare", "card"}
+    assert plan.stages["compare"].params["run"]["description"] == DESCRIPTION       # the card says which model
 
 
 def test_toolchain_run_reports_a_failing_tool_in_one_line(tmp_path):

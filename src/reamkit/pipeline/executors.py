@@ -64,7 +64,8 @@ class RayExecutor:
         self.remote = ray.remote(max_retries=0)(run_stage)
 
     def submit(self, stage, run_dir: str):
-        return self.remote.remote(stage.kind, stage.id, stage.params, stage.outputs, run_dir)
+        gpus = 1 if str(stage.params.get("device", "")).startswith("cuda") else 0
+        return self.remote.options(num_gpus=gpus).remote(stage.kind, stage.id, stage.params, stage.outputs, run_dir)
 
     def wait(self, handles: list):
         ready, _ = self.ray.wait(handles, num_returns=1)
