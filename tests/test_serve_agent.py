@@ -9,6 +9,7 @@ system prompt and tool list are ~19k tokens; the model's 64k context holds them.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -68,10 +69,12 @@ def test_claude_code_one_shot_prompt(tiny_coder_gguf, tmp_path):
                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
         log = s.log
         assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-2000:], log[-3000:])
-        requests = [ln for ln in log.splitlines() if "POST /v1/messages" in ln and PROMPT in ln]
-        assert requests, log
+        requests = [ln for ln in log.splitlines() if "POST /v1/messages" in ln]
+        assert any(PROMPT in ln for ln in requests), log
         assert all("-> 200" in ln for ln in requests), requests
-        answer = " ".join(run.stdout.split())
-        assert answer and any(f'answered: "{answer[:60]}' in ln for ln in requests), (answer, requests)
+        # the tiny model's answer may be empty (Claude Code then asks once more) or hold control characters,
+        # which the log writes JSON-escaped
+        answer = json.dumps(" ".join(run.stdout.split())[:60], ensure_ascii=False)[1:-1]
+        assert answer and any(f'answered: "{answer}' in ln for ln in requests), (answer, requests)
     finally:
         s.stop()
