@@ -256,7 +256,8 @@ def _run_ladder(reference: Path, ref_key: str, inv: Inventory, header: int, name
                 continue
             t0 = time.perf_counter()
             with atomic_file(target) as tmp:
-                lines = run_tool("llama-quantize", _quantize_args(reference, tmp, ft, overrides, info, opts),
+                lines = run_tool("llama-quantize", _quantize_args(reference.resolve(), tmp.resolve(), ft, overrides, info,
+                                                                  opts), cwd=info.path.parent if info else None,
                                  on_line=bar.tensor_line)
                 got = tensor_types_from_log(lines)
                 if len(got) != len(inv.tensors):
@@ -293,8 +294,8 @@ def tensor_types_from_log(lines: list[str]) -> dict[str, str]:
 
 def _quantize_args(reference: Path, out: Path, ft: str, overrides, info, opts: QuantizeOptions) -> list:
     args: list = []
-    if info is not None:
-        args += ["--imatrix", info.path]
+    if info is not None:   # by name, run from its folder: llama-quantize records the path in the GGUF it writes
+        args += ["--imatrix", info.path.name]
     for pattern, ty in overrides:
         args += ["--tensor-type", f"{pattern}={ty.lower()}"]
     kv = {"reamkit.ladder": opts.ladder,
