@@ -106,9 +106,11 @@ class Toolchain:
     def run(self, name: str, args: list[str], *, timeout: float | None = None,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """Run a tool; a non-zero exit raises ToolchainError quoting the tool's last error line."""
+        from .linger import linger_env
+
         cmd = [str(self.tool(name)), *map(str, args), *repack_args(name, args)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **repack_env(name), **(env or {})})
+                              env={**os.environ, **repack_env(name), **linger_env(), **(env or {})})
         if proc.returncode != 0:
             raise ToolchainError(f"{name} failed (exit {proc.returncode}): {last_error_line(proc.stderr or proc.stdout)}")
         return proc

@@ -241,11 +241,9 @@ def evaluate_fidelity(variants: list[Path], reference: Path, run_dir: Path, opts
 def _perplexity(args: list, complete: Callable[[str], bool], attempts: int = 8) -> str:
     """Run llama-perplexity until its log is complete.
 
-    The pinned llama.cpp logs from a worker thread and deliberately never joins it at exit (its logger is leaked on
-    purpose, upstream issue 22142), so the final burst of lines (the summary we parse) is lost whenever that thread
-    is not scheduled before the process ends: often on a loaded machine (a third or more of the runs on 2 busy
-    cores), rarely on an idle one. The computation itself is complete and deterministic, so running it again is
-    correct, only slower.
+    The tools run with a short grace at exit for their log thread (:mod:`reamkit.linger`); where that is not
+    enough (or no C compiler built it), the summary we parse can still be lost. The computation itself is complete
+    and deterministic, so running it again is correct, only slower.
     """
     text = ""
     for _ in range(attempts):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ToolchainError
+from ..linger import linger_env
 from ..toolchain import find_toolchain, last_error_line, repack_env
 
 _PR_SET_PDEATHSIG = 1
@@ -32,7 +33,7 @@ def run_tool(name: str, args: list, *, on_line: Callable[[str], None] | None = N
     lines: list[str] = []
     with subprocess.Popen([str(tool), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, errors="replace", bufsize=1, preexec_fn=_die_with_parent, cwd=cwd,
-                          env={**os.environ, "LLAMA_LOG_COLORS": "0", **repack_env(name)}) as proc:
+                          env={**os.environ, "LLAMA_LOG_COLORS": "0", **repack_env(name), **linger_env()}) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")
