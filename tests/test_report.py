@@ -125,7 +125,7 @@ def test_card_numbers_are_the_measured_ones(run):
                               ("pp t/s", "pp_tps", 5e-3), ("tg t/s", "tg_tps", 5e-3)):
             assert float(cells[col]) == pytest.approx(r[key], rel=rel, abs=1e-9), (t, col)
         assert cells["Notes"] == ", ".join(r["notes"])
-    assert "# Demo-Coder-REAM GGUF" in text and "| Link | Type | Size/GB |" in text
+    assert "# Demo-Coder-REAM GGUF" in text and "| Link | Method | Type | Size/GB |" in text
     assert "REAM, 16 -> 12 routed experts per layer, calibration code=0.7,math=0.3, 8 x 64 tokens" in text
     assert f"llama.cpp commit `{pins().llama_cpp_commit}`" in text
     for r in rows.values():
@@ -242,3 +242,10 @@ def test_bad_input_is_one_line(case, run, tmp_path):
         folder = tmp_path / ("nope" if case == "missing-folder" else "empty")
         r = CliRunner().invoke(app, ["compare", str(folder)])
         assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_a_tie_everywhere_crowns_nobody():
+    rows = [_row("Q2_K", 22.2, 0.30, p1=0.0), _row("Q4_K_M", 40.0, 0.05, p1=0.0)]
+    notes = derive_notes(rows)
+    assert not any("best pass@1" in n for n in notes.values())
+    assert "smallest" in notes["m.Q2_K"]

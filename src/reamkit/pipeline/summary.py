@@ -28,16 +28,16 @@ def print_summary(result: RunResult, out: Console) -> None:
               highlight=False)
     rows = _rows(run_dir)
     t = Table(title="variants (full table: report/compare.md)")
-    for col in ("variant", "size GB", "mean KLD", "top-1 %", "pass@1", "tg t/s", "notes"):
-        t.add_column(col, justify="left" if col in ("variant", "notes") else "right")
+    for col in ("method", "type", "size GB", "mean KLD", "top-1 %", "pass@1", "tg t/s", "notes"):
+        t.add_column(col, justify="left" if col in ("method", "type", "notes") else "right")
     shown = [r for r in rows if r.get("notes")] or rows[:8]
     for r in shown:
-        t.add_row(r["variant"], _fmt(r.get("size_gb"), ".3f"), _fmt(r.get("kld_mean"), ".4f"),
-                  _fmt(r.get("top1_pct"), ".1f"), _fmt(r.get("pass_at_1"), ".3f"), _fmt(r.get("tg_tps"), ".1f"),
+        t.add_row(f"{r.get('method')} ({r.get('experts')}e)" if r.get("experts") else str(r.get("method")),
+                  str(r.get("type")), _fmt(r.get("size_gb"), ".3f"), _fmt(r.get("kld_mean"), ".4f"),
+                  _fmt(r.get("top1_pct"), ".1f"), _fmt(r.get("pass_at_1"), ".3f"), _fmt(r.get("tg_tps"), ".0f"),
                   ", ".join(r["notes"]) if isinstance(r.get("notes"), list) else str(r.get("notes") or ""))
     out.print(t)
     out.print(f"card: {run_dir / 'report' / 'README.md'}", highlight=False, soft_wrap=True)
     best = next((r for r in rows if "recommended" in str(r.get("notes"))), None)
     if best is not None:
-        out.print(f"try it: reamkit serve {run_dir / best['path'] if not str(best['path']).startswith('/') else best['path']}",
-                  highlight=False, soft_wrap=True)
+        out.print(f"try it: reamkit serve {best['path']}", highlight=False, soft_wrap=True)

@@ -17,7 +17,7 @@ from ..fsutil import atomic_file
 from .compare import Comparison, compare, fmt
 from .runinfo import read_run_info, read_variants
 
-CARD_COLUMNS = (("type", "Type"), ("size_gb", "Size/GB"), ("bpw", "bits/weight"), ("kld_mean", "KLD"),
+CARD_COLUMNS = (("method", "Method"), ("type", "Type"), ("size_gb", "Size/GB"), ("bpw", "bits/weight"), ("kld_mean", "KLD"),
                 ("top1_pct", "same top-1 %"), ("pass_at_1", "pass@1"), ("pp_tps", "pp t/s"), ("tg_tps", "tg t/s"))
 
 
@@ -123,7 +123,7 @@ def card_markdown(comp: Comparison, *, model_name: str | None = None, repo: str 
            "(sorted by size; every figure was measured in this run, n/a = not measured; KLD = mean of the "
            f"held-out {' and '.join(comp.sets) or 'evaluation'} sets' mean KL divergence from the reference)", "",
            "| Link | " + " | ".join(h for _, h in CARD_COLUMNS) + " | Notes |",
-           "|:-----|:-----|" + "|".join("--------:" for _ in CARD_COLUMNS[1:]) + "|:------|"]
+           "|:-----|:-----|:-----|" + "|".join("--------:" for _ in CARD_COLUMNS[2:]) + "|:------|"]
     for r in rows:
         link = f"https://huggingface.co/{repo}/resolve/main/{r['file']}" if repo else r["file"]
         cells = [fmt(k, r.get(k)) for k, _ in CARD_COLUMNS]

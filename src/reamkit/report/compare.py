@@ -10,7 +10,7 @@ The notes come from these numbers only (:func:`derive_notes`):
 
 * ``Pareto``: no other variant is both at most as large and at most as far from the reference (KLD);
 * ``best KLD`` / ``smallest`` / ``fastest tg`` / ``fastest pp`` / ``best pass@1``: the extremes of a column
-  (only when at least two variants have it);
+  (only when at least two variants have it and they differ);
 * ``best KLD drop per GB``: the Pareto step that buys the most fidelity per added gigabyte, against the next
   smaller Pareto variant;
 * ``recommended``: the smallest Pareto variant whose KLD is within :data:`RECOMMEND_KLD_MARGIN` of the lowest
@@ -110,7 +110,7 @@ def derive_notes(rows: list[dict]) -> dict[str, list[str]]:
                                ("tg_tps", "fastest tg", False), ("pp_tps", "fastest pp", False),
                                ("pass_at_1", "best pass@1", False)):
         rs = have(key)
-        if len(rs) >= 2:
+        if len(rs) >= 2 and len({r[key] for r in rs}) > 1:      # a tie everywhere (all pass@1 0) crowns nobody
             pick = (min if lowest else max)(rs, key=lambda r: r[key])
             notes[pick["variant"]].append(label)
     rec = recommended(rows, front)
