@@ -89,10 +89,10 @@ def _outputs(run: Path) -> dict[str, str]:
             found[rel] = _sha(p)
     for p in sorted((run / "fidelity").glob("*.json")):
         found[f"fidelity/{p.name}"] = json.dumps(json.loads(p.read_text())["sets"], sort_keys=True)
-    for p in sorted((run / "humaneval").glob("*.json")):
-        data = json.loads(p.read_text())
-        found[f"humaneval/{p.name}"] = json.dumps([data["pass_at_1"], data.get("tasks", data.get("results"))],
-                                                  sort_keys=True)
+    for p in sorted((run / "humaneval").glob("*.completions.jsonl")):
+        found[f"humaneval/{p.name}"] = _sha(p)
+        data = json.loads(p.with_name(p.name.replace(".completions.jsonl", ".json")).read_text())
+        found[f"humaneval/{p.name}:results"] = json.dumps([data["pass_at_1"], data["results"]], sort_keys=True)
     return found
 
 

@@ -108,7 +108,8 @@ def _card_table(text: str) -> dict[str, dict[str, str]]:
     rows = {}
     for ln in lines[1:]:
         cells = [c.strip() for c in ln.strip("|").split("|")]
-        rows[cells[1]] = dict(zip(header, cells))
+        row = dict(zip(header, cells))
+        rows[row["Type"]] = row
     return rows
 
 
