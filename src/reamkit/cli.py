@@ -459,11 +459,11 @@ def release(
 def status(run_dir: Annotated[Path, typer.Argument(help="run folder")]) -> None:
     """Where a run stands: each stage done, to do, or stale (its inputs or parameters changed)."""
     from .pipeline import stage_rows
-    from .pipeline.runner import running_pid
+    from .pipeline.runner import is_running
     from .pipeline.view import status_table
 
-    _, rows = stage_rows(run_dir)
-    out.print(status_table(rows, running_pid(run_dir)))
+    rows = stage_rows(run_dir)
+    out.print(status_table(rows, is_running(run_dir)))
     done = sum(r[1] == "done" for r in rows)
     out.print(f"{done} of {len(rows)} stages done; log: {run_dir / 'pipeline.log'}", highlight=False)
 

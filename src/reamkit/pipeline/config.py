@@ -25,7 +25,6 @@ Every table forbids unknown keys, and every error names the offending key as a d
 
 from __future__ import annotations
 
-import json
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -124,9 +123,6 @@ class RunConfig(_Strict):
     @property
     def model_name(self) -> str:
         return self.name or Path(self.model.removeprefix("hf:")).name
-
-    def fingerprint_params(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
 
 
 def _where(loc: tuple) -> str:

@@ -8,22 +8,13 @@ run folder at the same path (a shared filesystem), and the reamkit environment.
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing as mp
-import signal
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
 
 from ..errors import ReamkitError
+from ..quantization.runner import die_with_parent
 from .stages import run_stage
-
-
-def _die_with_parent() -> None:
-    """Workers get SIGKILL when the run's process dies (Linux), so a killed run leaves no stray writer behind."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)     # PR_SET_PDEATHSIG
-    except OSError:      # not Linux / no glibc: workers then finish their stage and exit with the pool
-        pass
 
 
 def _error_text(e: BaseException) -> str:
@@ -33,7 +24,7 @@ def _error_text(e: BaseException) -> str:
 class LocalExecutor:
     def __init__(self, workers: int):
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                        initializer=_die_with_parent)
+                                        initializer=die_with_parent)   # a killed run leaves no stray writer
 
     def submit(self, stage, run_dir: str) -> Future:
         return self.pool.submit(run_stage, stage.kind, stage.id, stage.params, stage.outputs, run_dir)

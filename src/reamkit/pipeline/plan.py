@@ -41,10 +41,6 @@ class Stage:
     memory_bytes: int = 0         # rough peak, for the scheduler's memory budget
     key: str = ""
 
-    @property
-    def group(self) -> str:
-        return self.kind
-
 
 @dataclass
 class Plan:
@@ -138,7 +134,7 @@ def build_plan(cfg: RunConfig, model_config: dict, num_experts: int | None, fing
     run = {"model_name": name, "base_model": base, "description": cfg.description, "calibration": c.calib}
     _add(stages, Stage("compare", "compare", {"variants": variants, "reference": reference, "run": run},
                        deps=evals, outputs=["variants.json", "run.json", "report/compare.json"]))
-    _add(stages, Stage("card", "card", {"model": name, "config": json.loads(cfg.fingerprint_params())},
+    _add(stages, Stage("card", "card", {"model": name, "config": cfg.model_dump(mode="json")},
                        deps=["compare"], outputs=["report/README.md"]))
     return Plan(cfg, stages, models, variants, reference)
 

@@ -63,7 +63,7 @@ def is_done(stage: Stage, record: dict | None, run_dir: Path) -> bool:
     return bool(record) and record.get("key") == stage.key and all((run_dir / o).exists() for o in stage.outputs)
 
 
-def _memory_need(stage: Stage, plan: Plan, run_dir: Path) -> int:
+def _memory_need(stage: Stage, run_dir: Path) -> int:
     """A rough peak for the scheduler: the GGUF a job maps (or will map) plus the tools' working memory."""
     path = stage.params.get("variant") or stage.params.get("reference")
     size = (run_dir / path).stat().st_size if path and (run_dir / path).exists() else 0
@@ -120,7 +120,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, paths: dict, view: Callable) -> R
     try:
         while pending or running:
             if not failed:
-                _launch(pending, running, done, executor, plan, run_dir, budget, cfg.executor.workers, log, view)
+                _launch(pending, running, done, executor, run_dir, budget, cfg.executor.workers, log, view)
             if not running:
                 if failed:
                     break
@@ -159,8 +159,8 @@ def _sweep_stale_temps(run_dir: Path) -> None:
         clean_stale_temps(target)
 
 
-def _launch(pending: list[Stage], running: dict, done: set, executor, plan: Plan, run_dir: Path, budget: int,
-            workers: int, log: _Log, view: Callable) -> None:
+def _launch(pending: list[Stage], running: dict, done: set, executor, run_dir: Path, budget: int, workers: int,
+            log: _Log, view: Callable) -> None:
     heavy_running = any(s.mode == HEAVY for s in running.values())
     used = sum(s.memory_bytes for s in running.values())
     for stage in list(pending):
@@ -170,7 +170,7 @@ def _launch(pending: list[Stage], running: dict, done: set, executor, plan: Plan
             continue
         if stage.mode == HEAVY and running:
             continue
-        stage.memory_bytes = _memory_need(stage, plan, run_dir)
+        stage.memory_bytes = _memory_need(stage, run_dir)
         if running and used + stage.memory_bytes > budget:
             continue
         pending.remove(stage)
@@ -182,7 +182,7 @@ def _launch(pending: list[Stage], running: dict, done: set, executor, plan: Plan
         view("start", stage, {})
 
 
-def stage_rows(run_dir: Path) -> tuple[Plan, list[tuple[str, str, float | None]]]:
+def stage_rows(run_dir: Path) -> list[tuple[str, str, float | None]]:
     """For ``reamkit status``: each stage of the run folder's plan with its state (done, to do, stale)."""
     from .config import load_config
 
@@ -196,10 +196,10 @@ def stage_rows(run_dir: Path) -> tuple[Plan, list[tuple[str, str, float | None]]
         rec = records.get(s.id)
         state = "done" if is_done(s, rec, run_dir) else ("stale" if rec else "to do")
         rows.append((s.id, state, rec.get("seconds") if rec and state == "done" else None))
-    return plan, rows
+    return rows
 
 
-def running_pid(run_dir: Path) -> bool:
+def is_running(run_dir: Path) -> bool:
     """True when a run holds the folder's lock right now."""
     p = run_dir / ".lock"
     if not p.exists():

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..errors import OutputExistsError
+from ..manifest import manifest_path_for
 
 
 def run_stage(kind: str, stage_id: str, params: dict, outputs: list[str], run_dir: str) -> dict:
@@ -60,9 +61,7 @@ def _remove(p: Path) -> None:
         shutil.rmtree(p)
     elif p.exists():
         p.unlink()
-    side = p.with_name(p.name + ".manifest.json")
-    if side.exists():
-        side.unlink()
+    manifest_path_for(p, folder=False).unlink(missing_ok=True)
 
 
 def _model_path(root: Path, path: str) -> str:

@@ -17,8 +17,8 @@ from ..toolchain import find_toolchain, last_error_line, repack_env
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """A killed reamkit must not leave a quantizer writing on: the kernel signals the child (Linux)."""
+def die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """A killed reamkit must not leave a tool or worker writing on: the kernel signals the child (Linux)."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
@@ -32,7 +32,7 @@ def run_tool(name: str, args: list, *, on_line: Callable[[str], None] | None = N
     tail: collections.deque[str] = collections.deque(maxlen=300)
     lines: list[str] = []
     with subprocess.Popen([str(tool), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, errors="replace", bufsize=1, preexec_fn=_die_with_parent, cwd=cwd,
+                          text=True, errors="replace", bufsize=1, preexec_fn=die_with_parent, cwd=cwd,
                           env={**os.environ, "LLAMA_LOG_COLORS": "0", **repack_env(name), **linger_env()}) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
