@@ -12,12 +12,11 @@ from reamkit.zoo import DEMO_MODEL
 TYPES = ("Q8_0", "Q2_K")
 
 
-def tiny_ladder(base: Path) -> dict[str, Path]:
-    """``{"F16": ..., "Q8_0": ..., "Q2_K": ...}`` under ``base/report-ladder`` (reused when already there)."""
-    folder = base / "report-ladder"
+def tiny_ladder(folder: Path, types: tuple[str, ...] = TYPES) -> dict[str, Path]:
+    """``{"F16": ..., "Q8_0": ..., "Q2_K": ...}`` of the demo model in ``folder`` (reused when already there)."""
     f16, _ = convert_to_gguf(DEMO_MODEL, folder / "demo.F16.gguf", dtype="f16")
     out = {"F16": f16}
-    for t in TYPES:
+    for t in types:
         q = folder / f"demo.{t}.gguf"
         if not q.is_file():
             find_toolchain().run("llama-quantize", [f16, q, t, "2"])

@@ -14,8 +14,9 @@ from reamkit.cli import app
 from reamkit.errors import ReamkitError
 from reamkit.evaluation import FidelityOptions, evaluate_fidelity, parse_kld_output
 from reamkit.gguf import convert_to_gguf
-from reamkit.toolchain import find_toolchain, load_llama
-from reamkit.zoo import DEMO_MODEL
+from reamkit.toolchain import load_llama
+
+from .report_support import tiny_ladder
 
 LADDER = ("Q8_0", "Q6_K", "Q4_K_M", "Q2_K")
 OPTS = dict(tokens=1016, ctx=256, threads=2)      # 8 chunks of 127 scored tokens per set
@@ -23,15 +24,7 @@ OPTS = dict(tokens=1016, ctx=256, threads=2)      # 8 chunks of 127 scored token
 
 @pytest.fixture(scope="module")
 def ladder(tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.getbasetemp() / "eval-ladder"
-    f16, _ = convert_to_gguf(DEMO_MODEL, base / "demo.F16.gguf", dtype="f16")
-    out = {"F16": f16}
-    for t in LADDER:
-        q = base / f"demo.{t}.gguf"
-        if not q.is_file():
-            find_toolchain().run("llama-quantize", [f16, q, t, "2"])
-        out[t] = q
-    return out
+    return tiny_ladder(tmp_path_factory.getbasetemp() / "eval-ladder", LADDER)
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ PASS_AT_1 = {"demo.F16": 0.40, "demo.Q8_0": 0.38, "demo.Q2_K": 0.20}
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A finished tiny run: real fidelity and speed results for three GGUFs of the demo model."""
-    ladder = tiny_ladder(tmp_path_factory.getbasetemp())
+    ladder = tiny_ladder(tmp_path_factory.getbasetemp() / "report-ladder")
     run_dir = tmp_path_factory.mktemp("report-run")
     variants = [ladder["F16"], ladder["Q8_0"], ladder["Q2_K"]]
     evaluate_fidelity(variants, ladder["F16"], run_dir, FidelityOptions(tokens=254, ctx=256, threads=2))

@@ -22,7 +22,7 @@ OPTS = SpeedOptions(prompt=32, gen=8, repetitions=2, threads=1)
 
 @pytest.fixture(scope="module")
 def ladder(tmp_path_factory) -> dict[str, Path]:
-    return tiny_ladder(tmp_path_factory.getbasetemp())
+    return tiny_ladder(tmp_path_factory.getbasetemp() / "report-ladder")
 
 
 @pytest.fixture(scope="module")
