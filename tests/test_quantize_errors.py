@@ -107,7 +107,7 @@ def test_disk_filling_up_midway_leaves_no_partial_file(ref, tmp_path, monkeypatc
         resource.setrlimit(resource.RLIMIT_FSIZE, (4_000_000, 4_000_000))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # write() then fails with EFBIG instead of a signal
 
-    monkeypatch.setattr(runner, "_die_with_parent", limited)
+    monkeypatch.setattr(runner, "die_with_parent", limited)
     out = tmp_path / "out"
     with pytest.raises(ReamkitError) as err:
         quantize_model(ref, out, QuantizeOptions(types="Q8_0", imatrix="none", progress=False))
