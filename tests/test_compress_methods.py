@@ -209,6 +209,33 @@ def test_alignment_recovers_a_known_permutation():
         assert align(2, 5, one) == found
 
 
+def test_group_alignment_holds_one_member_at_a_time():
+    """A group's centroid features are computed once, each member's once, and a member's are gone before the
+    next member's are made (a feature is [D, S]: 64 MB per expert at Qwen3-Next scale)."""
+    import weakref
+
+    from reamkit.compression.align import align_group
+
+    gen = torch.Generator().manual_seed(10)
+    table = torch.randn(6, D, 16, generator=gen)
+
+    class Counting:
+        def __init__(self):
+            self.calls, self.alive = [], []
+
+        def __getitem__(self, e):
+            assert all(ref() is None for ref in self.alive[1:]), "an earlier member's features are still held"
+            t = table[e].clone()
+            self.calls.append(e)
+            self.alive.append(weakref.ref(t))
+            return t
+
+    fs = Counting()
+    perms = align_group(0, [3, 1, 5], fs)
+    assert fs.calls == [0, 3, 1, 5]
+    assert perms == [align(0, j, table) for j in (3, 1, 5)]
+
+
 def test_saliency_modes_match_hand_computation_and_rank_differently():
     """REAP's token mean of g*||E|| vs the released REAM code's per-chunk mean of p^2*||E||."""
     gen = torch.Generator().manual_seed(9)

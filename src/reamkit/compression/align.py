@@ -11,9 +11,9 @@ Costs between neuron a of the centroid and neuron b of expert j (each an L2 dist
   principal directions of all N * D such rows (centred; randomised SVD) and normalised again.
 
 Memory: the features are computed per expert when an alignment asks for them (:class:`ActivationFeatures`,
-:class:`PCAFeatures`), and only merged experts are ever aligned; the PCA's randomised SVD streams the rows a
-few experts at a time (holding the N * D * 3H rows, twice with centring, would take 13 GB per layer at
-Qwen3-Next scale).
+:class:`PCAFeatures`), a group's centroid's once and each other member's only while it is aligned, and
+only merged experts are ever aligned; the PCA's randomised SVD streams the rows two experts at a time (holding the N * D * 3H rows, twice
+with centring, would take 13 GB per layer at Qwen3-Next scale).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _pca_basis(rows_of, n: int, rank: int, seed: int = 0, niter: int = 4) -> tup
     """Mean [F] and the top ``rank`` principal directions [F, q] of the (centred) rows ``rows_of(slice)`` gives
     for experts 0..n-1: the randomised SVD of ``torch.pca_lowrank`` (same random start for a seed, ``niter``
     power iterations), computed with the rows streamed a few experts at a time instead of held at once."""
-    step = 8
+    step = 2                                         # experts per block: 2 * D * 3H floats at a time
     blocks = [slice(s, min(n, s + step)) for s in range(0, n, step)]
 
     def rows(sl):
@@ -88,13 +88,10 @@ class PCAFeatures:
     def __init__(self, experts: Experts, rank: int = 64, seed: int = 0):
         self.experts = experts
         self.mean, self.basis = _pca_basis(lambda sl: weight_features(experts, sl), len(experts.gate), rank, seed)
-        self._cache: dict[int, torch.Tensor] = {}
 
     def __getitem__(self, e: int) -> torch.Tensor:
-        if e not in self._cache:
-            rows = weight_features(self.experts, slice(e, e + 1))[0].double()
-            self._cache[e] = F.normalize((rows - self.mean) @ self.basis, dim=-1).float()
-        return self._cache[e]
+        rows = weight_features(self.experts, slice(e, e + 1))[0].double()
+        return F.normalize((rows - self.mean) @ self.basis, dim=-1).float()
 
 
 class ActivationFeatures:
@@ -103,12 +100,9 @@ class ActivationFeatures:
 
     def __init__(self, stats, block=None):
         self.stats, self.block = stats, block
-        self._cache: dict[int, torch.Tensor] = {}
 
     def __getitem__(self, e: int) -> torch.Tensor:
-        if e not in self._cache:
-            self._cache[e] = activation_features(self.stats.activations([e], self.block))[0]
-        return self._cache[e]
+        return activation_features(self.stats.activations([e], self.block))[0]
 
 
 def pca_features(feats: torch.Tensor, rank: int = 64, seed: int = 0) -> torch.Tensor:
@@ -124,15 +118,26 @@ def activation_features(acts: torch.Tensor) -> torch.Tensor:
     return F.normalize(acts.float().transpose(1, 2), dim=-1)
 
 
-def align(centroid: int, other: int, *feature_sets) -> list[int]:
-    """Permutation ``perm`` with ``other``'s neuron ``perm[a]`` matched to the centroid's neuron ``a``,
-    minimising the summed distances over the given feature sets (each indexable by expert: [D, F])."""
+def align_group(centroid: int, others: list[int], *feature_sets) -> list[list[int]]:
+    """For each expert j of ``others``, the permutation ``perm`` with j's neuron ``perm[a]`` matched to the
+    centroid's neuron ``a``, minimising the summed distances over the given feature sets (each indexable by
+    expert: [D, F]). The centroid's features are computed once; each other expert's when its turn comes, and
+    dropped after it (an activation feature is [D, S]: 64 MB per expert at Qwen3-Next scale)."""
     from scipy.optimize import linear_sum_assignment
 
-    cost = sum(torch.cdist(fs[centroid].double(), fs[other].double()) for fs in feature_sets)
-    rows, cols = linear_sum_assignment(cost.cpu().numpy())
-    assert (rows == range(len(rows))).all()
-    return [int(c) for c in cols]
+    mine = [fs[centroid].double() for fs in feature_sets]
+    perms = []
+    for j in others:
+        cost = sum(torch.cdist(c, fs[j].double()) for c, fs in zip(mine, feature_sets))
+        rows, cols = linear_sum_assignment(cost.cpu().numpy())
+        assert (rows == range(len(rows))).all()
+        perms.append([int(c) for c in cols])
+    return perms
+
+
+def align(centroid: int, other: int, *feature_sets) -> list[int]:
+    """:func:`align_group` for one pair."""
+    return align_group(centroid, [other], *feature_sets)[0]
 
 
 def cosine_distance(a: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,10 @@ the same way. With saved observations (:mod:`.reuse`) no calibration runs: each 
 
 Memory: the built layer keeps a bf16 checkpoint's experts in bf16 (:mod:`reamkit.models.upcast`); the
 observation computes expert outputs a few experts at a time and keeps only small per-expert sums plus the
-sampled MoE inputs; alignment features are computed only for merged experts; the plan is applied without
-stacking copies (kept experts are the loaded tensors themselves) and saved tensor by tensor; freed memory is
-handed back to the system after each layer (glibc keeps it otherwise).
+sampled MoE inputs; alignment features are computed only for merged experts, one at a time; the plan is
+applied without stacking copies (kept experts are the loaded tensors themselves) and saved tensor by tensor;
+large blocks are mapped on their own so that freeing them returns them to the system (:func:`bound_heap`),
+and the rest of the freed heap is handed back after each layer.
 """
 
 from __future__ import annotations
@@ -34,6 +35,20 @@ from .observe import ExpertStats, ObserveOptions
 from .plan import LayerPlan, apply_plan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+def bound_heap(threshold: int = 1 << 20) -> None:
+    """Serve every allocation of ``threshold`` bytes or more by its own mapping (glibc's mallopt), returned to
+    the system the moment it is freed. By default glibc raises that threshold to the size of each large block
+    freed (up to 32 MB), after which such blocks come from the heap, where freed ones fragment and stay
+    resident: measured on a 16-layer bench checkpoint, 1.25 GB peak instead of 0.93 GB for the same work."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):                  # not glibc
+        pass
 
 
 def release_memory() -> None:
@@ -59,6 +74,7 @@ class _Pass:
         self.ids = ids
         self.batches = [] if ids is None else [ids[i:i + opts.batch_size] for i in range(0, len(ids), opts.batch_size)]
         self.budget = int(opts.memory_budget_gb * 2**30)
+        bound_heap()
         self.moe = set(self.adapter.moe_layers(self.config))
         self.t0 = time.time()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..align import WeightFeatures, align, cosine_distance
+from ..align import WeightFeatures, align_group, cosine_distance
 from ..plan import Group, LayerPlan, top_k_indices
 
 NAME = "m-smoe"
@@ -36,6 +36,6 @@ def plan_layer(inp) -> LayerPlan:
         members = groups[c]
         w = freq[members].double()
         w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1 / len(members))
-        perms = [None] + [align(c, j, wf) for j in members[1:]]
+        perms = [None] + align_group(c, members[1:], wf)
         out.append(Group(c, members, w.tolist(), perms))
     return LayerPlan(st.num_experts, out, [float(v) for v in freq])

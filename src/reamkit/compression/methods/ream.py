@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import ReamkitError
-from ..align import ActivationFeatures, PCAFeatures, align
+from ..align import ActivationFeatures, PCAFeatures, align_group
 from ..observe import fill_zero_saliency
 from ..plan import Group, LayerPlan, top_k_indices
 
@@ -122,7 +122,7 @@ def plan_layer(inp) -> LayerPlan:
         w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1 / len(members))
         if merging == "avg":
             w = torch.full_like(w, 1 / len(members))
-        perms = [None] + [align(c, j, *feats) if feats else None for j in members[1:]]
+        perms = [None] + (align_group(c, members[1:], *feats) if feats else [None] * (len(members) - 1))
         out.append(Group(c, members, w.tolist(), perms))
     sizes = sorted((len(m) for m in groups.values()), reverse=True)
     return LayerPlan(inp.stats.num_experts, out, [float(v) for v in sal],
