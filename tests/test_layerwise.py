@@ -92,3 +92,28 @@ def test_padded_batch_matches_transformers(zoo_path, family):
     # and the padded sequence's real part equals running it alone
     alone = LayerwiseModel(open_model(zoo_path)).forward(ids[1:, :64])
     assert (got[1, :64] - alone[0]).abs().max().item() < 1e-4
+
+
+def test_bf16_experts_compute_as_their_float32_widening(zoo_path, family, figure):
+    """A bf16 checkpoint's layer run in float32 keeps its routed experts in bf16 and widens one expert at a
+    time (``models/upcast.py``); widening is exact, so it must compute what the same weights widened to
+    float32 up front compute, with half the experts' bytes held."""
+    opened = open_model(zoo_path)
+    ad = opened.adapter
+    model = LayerwiseModel(opened)
+    hidden = model.embed(reference_ids(zoo_path, 96))
+    ctx = model.context(hidden)
+    diffs = []
+    for i in range(opened.checkpoint.num_layers):
+        bf16 = {k: v.bfloat16() for k, v in opened.checkpoint.load_layer(i).items()}
+        narrow = model.layer(i, bf16)
+        wide = model.layer(i, {k: v.float() for k, v in bf16.items()})
+        experts = {k: v for k, v in narrow.state_dict().items() if ".experts." in k}
+        assert experts and all(v.dtype == torch.bfloat16 for v in experts.values())
+        assert all(v.dtype == torch.float32 for k, v in wide.state_dict().items())
+        got, ref = model.run_layer(narrow, i, hidden, ctx), model.run_layer(wide, i, hidden, ctx)
+        assert got.dtype == torch.float32
+        diffs.append(((got - ref).abs().max() / ref.abs().max()).item())
+        assert diffs[-1] < 1e-5
+        hidden = ref
+    figure(f"{family}: bf16 experts widened per expert vs float32 weights: max relative diff {max(diffs):.2g}")
