@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Memory and speed of the streamed compression pass on a checkpoint far larger than one layer.
 
-Builds once (cached under the reamkit cache) a generated ``qwen3_next`` checkpoint of 16 decoder layers and
-about 2.6 GB (bf16; hidden 1024, 48 experts of width 512, top-4), compresses it by 25 % with REAM in a child
-process, and prints:
+Builds once (cached under the reamkit cache) a generated ``qwen3_next`` checkpoint of 48 decoder layers,
+Qwen3-Coder-Next's count, of 163 MB each: about 7.8 GB (bf16; hidden 1024, 48 experts of width 512, top-4),
+compresses it by 25 % with REAM in a child process, and prints:
 
 * peak RSS of the child / checkpoint bytes (target <= 0.25; code that loads the whole model needs >= 1.0)
+* the same peak as interpreter + libraries (measured in the child before any work) plus a working set, and
+  that working set as a multiple of one layer's bytes: the figure that does not depend on the layer count
 * calibration tokens per second through the whole pass, and seconds per layer
 
-    python bench/compress.py [--samples 16] [--seq-len 256] [--layers 16]
+    python bench/compress.py [--samples 16] [--seq-len 256] [--layers 48]
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ def child(model: str, out: str, samples: int, seq_len: int) -> None:
     from reamkit.compression import CompressOptions, compress
     from reamkit.models import open_model
 
-    open_model(model).close()
+    m = open_model(model)
+    m.adapter.hf_config(m.checkpoint.config)      # imports the family's modeling code (torch, sympy, scipy)
+    m.close()
     baseline = psutil.Process().memory_info().rss
     t = time.time()
     res = compress(model, Path(out), CompressOptions(method="ream", ratio=0.25, samples=samples, seq_len=seq_len,
@@ -86,7 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:

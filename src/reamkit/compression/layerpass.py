@@ -11,8 +11,10 @@ Memory: the built layer keeps a bf16 checkpoint's experts in bf16 (:mod:`reamkit
 observation computes expert outputs a few experts at a time and keeps only small per-expert sums plus the
 sampled MoE inputs; alignment features are computed only for merged experts, one at a time; the plan is
 applied without stacking copies (kept experts are the loaded tensors themselves) and saved tensor by tensor;
-large blocks are mapped on their own so that freeing them returns them to the system (:func:`bound_heap`),
-and the rest of the freed heap is handed back after each layer.
+while a layer is planned, large blocks are mapped on their own so that freeing them returns them to the
+system (:func:`mmap_threshold`; glibc's heap otherwise keeps freed blocks, fragmented, up to 0.2 GB more on the
+bench checkpoint; doing so in the forward passes as well would cost ~80 % more time in page faults), and the
+rest of the freed heap is handed back after the forward passes and after each layer.
 """
 
 from __future__ import annotations
@@ -40,13 +42,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _M_MMAP_THRESHOLD = -3
 
 
-def bound_heap(threshold: int = 1 << 20) -> None:
-    """Serve every allocation of ``threshold`` bytes or more by its own mapping (glibc's mallopt), returned to
-    the system the moment it is freed. By default glibc raises that threshold to the size of each large block
-    freed (up to 32 MB), after which such blocks come from the heap, where freed ones fragment and stay
-    resident: measured on a 16-layer bench checkpoint, 1.25 GB peak instead of 0.93 GB for the same work."""
+def mmap_threshold(nbytes: int) -> None:
+    """Serve allocations of ``nbytes`` or more by their own mappings (glibc's mallopt)."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold)
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, nbytes)
     except (OSError, AttributeError):                  # not glibc
         pass
 
@@ -74,7 +73,6 @@ class _Pass:
         self.ids = ids
         self.batches = [] if ids is None else [ids[i:i + opts.batch_size] for i in range(0, len(ids), opts.batch_size)]
         self.budget = int(opts.memory_budget_gb * 2**30)
-        bound_heap()
         self.moe = set(self.adapter.moe_layers(self.config))
         self.t0 = time.time()
 
@@ -199,8 +197,13 @@ class _Pass:
                     nxt.append(out)
         finally:
             handle.remove()
-        plan = self.method.plan_layer(MethodInput(stats, block, self.keep, self.mopts,
-                                                  sequences=sum(len(b) for b in self.batches)))
+        release_memory()                      # the forward passes' freed blocks, before planning allocates
+        mmap_threshold(1 << 20)
+        try:
+            plan = self.method.plan_layer(MethodInput(stats, block, self.keep, self.mopts,
+                                                      sequences=sum(len(b) for b in self.batches)))
+        finally:
+            mmap_threshold(32 << 20)
         summary = stats.summary_tensors()
         rep["tokens"] = stats.tokens
         rep["frequency"] = [int(v) for v in stats.freq.tolist()]
