@@ -2,14 +2,17 @@
 """Generation speed through ``reamkit serve`` against llama-bench's ``tg`` on the same GGUF and threads, robust to a
 shared machine; and the CPU cost per streamed chunk of reamkit's layer.
 
-    .venv/bin/python bench/serve.py MODEL.gguf [--threads 2] [--tokens 256] [--rounds 7]
+    .venv/bin/python bench/serve.py MODEL.gguf [--threads 2] [--tokens 256] [--rounds 7] [--layer-nice 10]
     .venv/bin/python bench/serve.py --chunks-only          # the layer's cost per chunk; no model needed
 
 Three sides decode the same number of tokens after the same number of prompt tokens, greedily, without
-speculative decoding, on the same threads (count and CPUs):
+speculative decoding, on the same threads (count and CPUs: ``--threads`` N pins each side's llama.cpp to the
+first N CPUs):
   * ``bench``  llama-bench ``-p 0 -n N -d P`` (P = the server prompt's token count): decoding only, the ceiling;
   * ``direct`` llama-server started with exactly the command line reamkit serve gives it;
-  * ``serve``  ``reamkit serve``: the same llama-server behind reamkit's layer.
+  * ``serve``  ``reamkit serve``: the same llama-server behind reamkit's layer. The layer itself is a separate
+    process, left on every CPU as in a deployment: with N below the CPU count it runs beside generation, with
+    N equal to it (every core generating) it takes its CPU time from generation.
 The servers get one warm-up request each, not counted. The sides then run in rounds (bench, direct, serve;
 the order rotates every round), so a neighbour's burst hits all three alike, and each round gives paired
 ratios. Streamed speed is (tokens - 1) / (last token - first token) as the client receives them; ``server``
@@ -75,6 +78,18 @@ def stream(url: str, key: str, tokens: int) -> tuple[float, float, int, int]:
     return (n - 1) / (last - first), server_tps, n, prompt_n
 
 
+def pin_llama_server(serve_pid: int, cpus: list[int]) -> None:
+    """Pin every thread of the llama-server that ``reamkit serve`` started to ``cpus``, as llama-bench and the
+    direct server are pinned; reamkit's own layer keeps every CPU, as it does when deployed."""
+    import psutil
+
+    servers = [c for c in psutil.Process(serve_pid).children(recursive=True) if "llama-server" in c.name()]
+    if len(servers) != 1:
+        sys.exit(f"expected one llama-server under reamkit serve, found {len(servers)}")
+    for task in Path(f"/proc/{servers[0].pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
+
+
 def wait_health(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -137,15 +152,16 @@ def run_model(args) -> None:
     port = free_port()
     serve_cmd = [sys.executable, "-m", "reamkit.cli", "serve", str(args.model), "--port", str(port), "--api-key", key,
                  "--ctx", "4096", "--parallel", "1", "--threads", str(args.threads), "--llama-arg=--spec-type",
-                 "--llama-arg=none", "--log-file", str(tmp / "serve-llama.log")]
+                 "--llama-arg=none", "--log-file", str(tmp / "serve-llama.log"), "--layer-nice", str(args.layer_nice)]
     procs["serve"] = subprocess.Popen(serve_cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "wb"),
-                                      preexec_fn=pin, start_new_session=True)
+                                      start_new_session=True)        # the layer runs where the system puts it
     urls["serve"] = f"http://127.0.0.1:{port}"
     results: dict[str, list[float]] = {"bench": [], "direct": [], "serve": [], "direct_server": [], "serve_server": []}
     rounds: list[dict[str, float]] = []
     try:
         for side in ("direct", "serve"):
             wait_health(urls[side], procs[side])
+        pin_llama_server(procs["serve"].pid, cpus)
         time.sleep(1.0)
         depth = 0
         for side in ("direct", "serve"):                    # warm-up, not counted
@@ -176,7 +192,8 @@ def run_model(args) -> None:
                 p.wait(30)
 
     size = args.model.stat().st_size / 2**20
-    print(f"\nmodel {args.model.name} ({size:.0f} MiB), {args.threads} threads on CPUs {cpus}, "
+    print(f"\nmodel {args.model.name} ({size:.0f} MiB), {args.threads} threads on CPUs {cpus} "
+          f"(reamkit's layer on CPUs {sorted(os.sched_getaffinity(0))} at nice {args.layer_nice}), "
           f"{args.tokens} generated tokens after {depth} prompt tokens, greedy, no speculative decoding, "
           f"{args.rounds} rounds")
     print(f"load average (1 min) during the run: median {statistics.median(load.samples):.2f}, "
@@ -192,8 +209,8 @@ def run_model(args) -> None:
           "neighbour's burst cancels out; what the HTTP path costs in delivered tokens/s):")
     print(f"  direct: {spread([g['direct'] / g['direct_server'] for g in rounds])}")
     print(f"  serve:  {spread([g['serve'] / g['serve_server'] for g in rounds])}")
-    if statistics.median(load.samples) > len(cpus):
-        print(f"note: the load average ({statistics.median(load.samples):.1f}) exceeded the {len(cpus)} CPUs used: the "
+    if statistics.median(load.samples) > os.cpu_count():
+        print(f"note: the load average ({statistics.median(load.samples):.1f}) exceeded the {os.cpu_count()} CPUs: the "
               f"three sides ran at different moments under different contention, so the ratios between them say "
               f"little; rerun on a quiet machine")
 
@@ -204,6 +221,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=256, help="generated tokens per request and per llama-bench run")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--layer-nice", type=int, default=10, help="reamkit serve --layer-nice (0: the layer competes "
+                    "with generation at the same priority)")
     ap.add_argument("--chunks", type=int, default=2000, help="streamed chunks for the per-chunk cost")
     ap.add_argument("--chunks-only", action="store_true")
     args = ap.parse_args()

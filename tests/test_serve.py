@@ -44,6 +44,18 @@ def claude(server):
 
 # ---------------------------------------------------------------- OpenAI
 
+def test_layer_runs_below_llama_server_priority(server, oai):
+    """reamkit's HTTP layer (every thread of it, after answering a request) runs at nice 10; llama-server,
+    which does the generating, keeps the normal priority."""
+    oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    layer = psutil.Process(server.proc.pid)
+    llama = [c for c in layer.children(recursive=True) if "llama-server" in c.name()]
+    assert len(llama) == 1
+    nice = lambda proc: {os.getpriority(os.PRIO_PROCESS, t.id) for t in proc.threads()}  # noqa: E731
+    assert nice(layer) == {10}
+    assert nice(llama[0]) == {0}
+
+
 def test_openai_models_and_chat_any_model_name(oai):
     models = oai.models.list().data
     assert [m.id for m in models] == ["tiny-coder"]

@@ -53,6 +53,7 @@ def test_run_folder_variant_is_picked_by_name(tmp_path):
     (["--parallel", "0"], "at least 1"),
     (["--cache-type", "q3_k"], "not one of"),
     (["--api-key", " "], "empty"),
+    (["--layer-nice", "20"], "between 0 and 19"),
     (["--llama-arg=--slot-save-path", "--llama-arg=/tmp"], "cannot be passed through"),
     (["--llama-arg=--tools=all"], "cannot be passed through"),
     ([], "not found"),
