@@ -11,9 +11,9 @@ Costs between neuron a of the centroid and neuron b of expert j (each an L2 dist
   principal directions of all N * D such rows (centred; randomised SVD) and normalised again.
 
 Memory: the features are computed per expert when an alignment asks for them (:class:`ActivationFeatures`,
-:class:`PCAFeatures`), a group's centroid's once and each other member's only while it is aligned, and
-only merged experts are ever aligned; the PCA's randomised SVD streams the rows two experts at a time (holding the N * D * 3H rows, twice
-with centring, would take 13 GB per layer at Qwen3-Next scale).
+:class:`PCAFeatures`), a group's centroid's once and each other member's only while it is aligned, and only
+merged experts are ever aligned; the PCA's randomised SVD streams the rows two experts at a time (holding the
+N * D * 3H rows, twice with centring, would take 13 GB per layer at Qwen3-Next scale).
 """
 
 from __future__ import annotations

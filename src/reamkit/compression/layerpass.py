@@ -203,7 +203,7 @@ class _Pass:
             plan = self.method.plan_layer(MethodInput(stats, block, self.keep, self.mopts,
                                                       sequences=sum(len(b) for b in self.batches)))
         finally:
-            mmap_threshold(32 << 20)
+            mmap_threshold(32 << 20)          # the ceiling glibc's own adaptive threshold settles at
         summary = stats.summary_tensors()
         rep["tokens"] = stats.tokens
         rep["frequency"] = [int(v) for v in stats.freq.tolist()]

@@ -12,8 +12,8 @@ import multiprocessing as mp
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
 
+from ..children import die_with_parent
 from ..errors import ReamkitError
-from ..quantization.runner import die_with_parent
 from .stages import run_stage
 
 

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import collections
-import ctypes
 import os
-import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from ..children import die_with_parent
 from ..errors import ToolchainError
 from ..linger import linger_env
 from ..toolchain import find_toolchain, last_error_line, repack_env
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """A killed reamkit must not leave a tool or worker writing on: the kernel signals the child (Linux)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
 
 
 def run_tool(name: str, args: list, *, on_line: Callable[[str], None] | None = None,
