@@ -144,7 +144,8 @@ def run_model(args) -> None:
     opts = ServeOptions(ctx=4096, parallel=1, threads=args.threads, extra_args=spec)
 
     port = free_port()
-    direct_cmd = llama_server_command(tc.tool("llama-server"), args.model, opts, port, key, "m")
+    (tmp / "key").write_text(key)                       # mkdtemp's folder: readable by this user only
+    direct_cmd = llama_server_command(tc.tool("llama-server"), args.model, opts, port, str(tmp / "key"), "m")
     procs = {"direct": subprocess.Popen(direct_cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "direct.log", "wb"),
                                         env={**os.environ, **repack_env("llama-server")}, preexec_fn=pin,
                                         start_new_session=True)}

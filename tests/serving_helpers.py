@@ -61,7 +61,7 @@ class Served:
     """A running ``reamkit serve``; ``url`` is its root, ``log`` its stderr so far."""
 
     def __init__(self, gguf: Path, tmp: Path, *args: str, key: str | None = KEY, ctx: int = 4096,
-                 parallel: int = 2, threads: int = 1):
+                 parallel: int = 2, threads: int = 1, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.key = key
@@ -74,7 +74,7 @@ class Served:
             cmd += ["--api-key", key]
         self._err = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._err, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, env={**os.environ, **(env or {})})
         try:
             self.wait_ready()
         except BaseException:

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from reamkit.cli import app
 from reamkit.errors import ReamkitError
 from reamkit.serving import CLIENTS, ServeOptions, client_config, resolve_model
+from reamkit.serving.access import SERVED
 from reamkit.serving.server import check_options, is_loopback, llama_server_command
 
 runner = CliRunner()
@@ -56,6 +57,9 @@ def test_run_folder_variant_is_picked_by_name(tmp_path):
     (["--layer-nice", "20"], "between 0 and 19"),
     (["--llama-arg=--slot-save-path", "--llama-arg=/tmp"], "cannot be passed through"),
     (["--llama-arg=--tools=all"], "cannot be passed through"),
+    (["--llama-arg=--api-key-file=/tmp/k"], "cannot be passed through"),
+    (["--strict-fields", "--allow-unknown-fields"], "contradict"),
+    (["--cors-origins", " "], "empty"),
     ([], "not found"),
 ])
 def test_bad_arguments_fail_in_one_line_before_any_work(tmp_path, args, message):
@@ -69,9 +73,11 @@ def test_default_bind_is_loopback_and_llama_server_stays_private(tmp_path):
     assert ServeOptions().host == "127.0.0.1"
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
-    cmd = llama_server_command(tmp_path / "llama-server", tmp_path / "m.gguf", ServeOptions(), 1234, "k", "m")
+    cmd = llama_server_command(tmp_path / "llama-server", tmp_path / "m.gguf", ServeOptions(), 1234, "/dev/fd/5", "m")
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
-    assert "--jinja" in cmd and cmd[cmd.index("--cors-origins") + 1] == "localhost" and "--no-slots" in cmd
+    assert cmd[cmd.index("--api-key-file") + 1] == "/dev/fd/5" and "--api-key" not in cmd   # no key on it
+    assert "--jinja" in cmd and cmd[cmd.index("--cors-origins") + 1] == "localhost"
+    assert not {"/slots", "/props", "/metrics"} & set(SERVED)          # on for the owner, never served
     assert not {"--tools", "--agent", "--slot-save-path", "--rpc"} & set(cmd)
     check_options(ServeOptions())
 

@@ -1,7 +1,8 @@
-"""The unknown-field policy of ``reamkit serve`` without a model: the allowlists cover every request field the
-pinned ``openai`` / ``anthropic`` SDKs define and every field Claude Code was seen to send; a made-up field gets
-400 naming it (with a hint for names other servers use) and never reaches llama-server, unless
-``--allow-unknown-fields``, which passes it through verbatim. llama-server is replaced by a recording stub."""
+"""The unknown-field policy of ``reamkit serve`` without a model: the lists of known fields cover every request
+field the pinned ``openai`` / ``anthropic`` SDKs define and every field Claude Code was seen to send. By default
+a likely typo of a known field gets 400 with "did you mean" and never reaches llama-server, while any other
+unknown field (Codex's ``client_metadata``) passes through verbatim, logged once; ``--strict-fields`` refuses
+every unknown field, ``--allow-unknown-fields`` passes every one. llama-server is replaced by a recording stub."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from starlette.testclient import TestClient
 
-from reamkit.serving.fields import ALLOWED, refusal, unknown_fields
+from reamkit.serving.fields import ALLOWED, likely_meant, refusal, to_refuse, unknown_fields
 from reamkit.serving.proxy import Settings, build_app
 
 
@@ -75,7 +76,33 @@ def test_refusal_names_the_field_a_fix_and_the_opt_out():
     line = refusal("/v1/chat/completions", ["repetition_penalty", "b", "c"])
     assert line.startswith("unknown field 'repetition_penalty' in the request body (and 2 more: b, c)")
     assert "did you mean 'repeat_penalty'?" in line and "--allow-unknown-fields" in line and "\n" not in line
-    assert "did you mean" not in refusal("/v1/chat/completions", ["x_made_up"])
+    assert "did you mean" not in refusal("/v1/chat/completions", ["x_made_up"], "strict")
+    assert "without --strict-fields" in refusal("/v1/chat/completions", ["x_made_up"], "strict")
+
+
+@pytest.mark.parametrize("path, field, meant", [
+    ("/v1/chat/completions", "max_token", "max_tokens"), ("/v1/chat/completions", "temprature", "temperature"),
+    ("/v1/chat/completions", "maxTokens", "max_tokens"), ("/v1/chat/completions", "tool_choices", "tool_choice"),
+    ("/v1/chat/completions", "repetition_penalty", "repeat_penalty"), ("/v1/messages", "max_token", "max_tokens"),
+    ("/v1/messages", "stop_sequence", "stop_sequences"), ("/v1/responses", "max_tokens", "max_output_tokens"),
+    ("/v1/responses", "instruction", "instructions"), ("/v1/responses", "paralel_tool_calls", "parallel_tool_calls"),
+])
+def test_likely_typos_are_refused_with_the_known_name(path, field, meant):
+    assert likely_meant(path, field) == meant
+    assert to_refuse(path, [field]) == [field]
+    assert f"did you mean {meant!r}?" in refusal(path, [field])
+    assert to_refuse(path, [field], "off") == []
+
+
+@pytest.mark.parametrize("path, field", [
+    ("/v1/responses", "client_metadata"), ("/v1/chat/completions", "client_metadata"),
+    ("/v1/chat/completions", "top_a"), ("/v1/chat/completions", "session_id"),
+    ("/v1/responses", "reasoning_effort"), ("/v1/responses", "conversation_id"), ("/v1/messages", "x_made_up"),
+])
+def test_other_unknown_fields_pass_by_default(path, field):
+    assert unknown_fields(path, {field: 1}) == [field]
+    assert likely_meant(path, field) is None and to_refuse(path, [field]) == []
+    assert to_refuse(path, [field], "strict") == [field]
 
 
 # ---------------------------------------------------------------- the layer, in front of a recording stub
@@ -104,8 +131,8 @@ def stub():
     server.shutdown()
 
 
-def _client(stub: str, allow: bool) -> TestClient:
-    return TestClient(build_app(Settings(stub, "inner", None, 4096, False, 2**20, allow_unknown_fields=allow)))
+def _client(stub: str, policy: str = "typos") -> TestClient:
+    return TestClient(build_app(Settings(stub, "inner", None, 4096, False, 2**20, field_policy=policy)))
 
 
 BODIES = {
@@ -119,13 +146,13 @@ BODIES = {
 
 
 @pytest.mark.parametrize("path", sorted(BODIES))
-def test_made_up_field_is_refused_before_llama_server_sees_it(stub, path):
-    with _client(stub, allow=False) as c:
+def test_strict_fields_refuses_a_made_up_field_before_llama_server_sees_it(stub, path):
+    with _client(stub, "strict") as c:
         _Stub.bodies.clear()
         r = c.post(path, json={**BODIES[path], "x_made_up": {"a": 1}})
         assert r.status_code == 400, r.text
         err = r.json()["error"]
-        assert "'x_made_up'" in err["message"] and "--allow-unknown-fields" in err["message"]
+        assert "'x_made_up'" in err["message"] and "--strict-fields" in err["message"]
         assert err["type"] == "invalid_request_error"
         if path.startswith("/v1/messages"):
             assert r.json()["type"] == "error"                     # Anthropic shape
@@ -136,12 +163,26 @@ def test_made_up_field_is_refused_before_llama_server_sees_it(stub, path):
         assert _Stub.bodies == [BODIES[path]]
 
 
-def test_allow_unknown_fields_passes_them_through_verbatim(stub, caplog):
-    body = {**BODIES["/v1/chat/completions"], "x_made_up": {"a": 1}}
-    with _client(stub, allow=True) as c, caplog.at_level("WARNING", logger="reamkit.serve"):
+@pytest.mark.parametrize("path", sorted(BODIES))
+def test_by_default_a_typo_is_refused_and_a_foreign_field_passes_verbatim(stub, path, caplog):
+    typo = {"/v1/responses": "instruction", "/v1/embeddings": "dimension",
+            "/v1/messages/count_tokens": "mesages"}.get(path, "max_token")
+    with _client(stub) as c, caplog.at_level("WARNING", logger="reamkit.serve"):
+        _Stub.bodies.clear()
+        r = c.post(path, json={**BODIES[path], typo: 2})
+        assert r.status_code == 400 and "did you mean" in r.json()["error"]["message"], r.text
+        assert _Stub.bodies == []
+        body = {**BODIES[path], "client_metadata": {"originator": "codex_exec"}}
+        assert c.post(path, json=body).status_code == 200
+        assert c.post(path, json=body).status_code == 200
+    assert _Stub.bodies == [body, body]
+    warned = [r.getMessage() for r in caplog.records if "client_metadata" in r.getMessage()]
+    assert len(warned) == 1 and "passing unknown field" in warned[0]           # once per field, not per request
+
+
+def test_allow_unknown_fields_passes_even_typos_through_verbatim(stub):
+    body = {**BODIES["/v1/chat/completions"], "max_token": 3, "x_made_up": {"a": 1}}
+    with _client(stub, "off") as c:
         _Stub.bodies.clear()
         assert c.post("/v1/chat/completions", json=body).status_code == 200
-        assert c.post("/v1/chat/completions", json=body).status_code == 200
-    assert _Stub.bodies == [body, body]
-    warned = [r.getMessage() for r in caplog.records if "x_made_up" in r.getMessage()]
-    assert len(warned) == 1 and "passing unknown field" in warned[0]           # once per field, not per request
+    assert _Stub.bodies == [body]

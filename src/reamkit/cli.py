@@ -165,7 +165,9 @@ def serve(
     log_file: Annotated[Path | None, typer.Option(help="llama-server's log (default: in the reamkit cache)")] = None,
     max_body_mb: Annotated[float, typer.Option(help="largest request body accepted, in MiB")] = 8.0,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="log each request's question and answer")] = False,
-    allow_unknown_fields: Annotated[bool, typer.Option(help="pass request fields the API does not define through to llama-server instead of refusing them (400)")] = False,
+    allow_unknown_fields: Annotated[bool, typer.Option(help="pass every request field the API does not define through to llama-server, likely typos (max_token) too")] = False,
+    strict_fields: Annotated[bool, typer.Option(help="refuse (400) every request field the API does not define, not only likely typos")] = False,
+    cors_origins: Annotated[str, typer.Option(help="origins browsers may call from: * (any, as llama-server), localhost, or a comma-separated list")] = "*",
     layer_nice: Annotated[int, typer.Option(help="nice value of reamkit's own HTTP layer, so it does not preempt generation on busy cores (0: llama-server's priority)")] = 10,
     print_client_config: Annotated[AgentClient | None, typer.Option(help="print a client's settings and exit")] = None,
     llama_arg: Annotated[list[str] | None, typer.Option("--llama-arg", help="extra llama-server option (repeatable)")] = None,
@@ -178,7 +180,8 @@ def serve(
     opts = ServeOptions(host=host, port=port, api_key=api_key, ctx=ctx, parallel=parallel, threads=threads,
                         cache_type=cache_type, alias=alias, chat_template_file=chat_template_file,
                         log_file=log_file, verbose=verbose, max_body_mb=max_body_mb, extra_args=list(llama_arg or []),
-                        allow_unknown_fields=allow_unknown_fields, layer_nice=layer_nice)
+                        allow_unknown_fields=allow_unknown_fields, strict_fields=strict_fields,
+                        cors_origins=cors_origins, layer_nice=layer_nice)
     check_options(opts)
     if print_client_config is not None:
         name = alias or "reamkit"

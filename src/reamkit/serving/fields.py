@@ -1,8 +1,17 @@
-"""Which top-level request fields each OpenAI / Anthropic endpoint accepts; any other gets 400.
+"""Which top-level request fields each OpenAI / Anthropic endpoint knows, and what happens to the others.
 
-llama-server ignores a field it does not know, so a misspelt or foreign option (``max_token``, vLLM's
-``repetition_penalty``) silently does nothing. Coding agents, though, send fields the server has no use for
-(``metadata``, ``store``, ``service_tier``, ...). The allowlist per endpoint is therefore the union of
+llama-server ignores a field it does not know, so a misspelt option (``max_token``) silently does nothing.
+Agent clients, though, add fields of their own with every release (Codex sends ``client_metadata``). So by
+default an unknown field is refused only when it looks like a mistake, and otherwise passed through with a
+warning logged once per name:
+
+* refused (400, "did you mean"): a name another server uses for one of ours (:data:`RENAMED`), a close
+  spelling of a known field (one or two letters off: ``max_token``, ``temprature``; ``maxTokens``), or one of llama-server's own
+  sampling fields on an Anthropic endpoint, whose conversion drops them;
+* passed through: everything else. ``--strict-fields`` refuses every unknown field instead,
+  ``--allow-unknown-fields`` passes every one (typos too).
+
+The known fields per endpoint are the union of
 
 * every field of the API's request type, as the pinned ``openai`` / ``anthropic`` SDKs define it (the
   tests check that against the installed SDKs), plus fields of the Anthropic API that older clients still
@@ -13,12 +22,12 @@ llama-server ignores a field it does not know, so a misspelt or foreign option (
 * fields seen from real agents (:data:`CLIENT_EXTRAS`).
 
 Fields llama-server sets itself while rendering the chat template (``chat_format``, ``chat_parser``,
-``grammar_triggers``, ...) are not accepted from clients. llama-server's native endpoints (``/completion``,
-``/infill``, ``/tokenize``, ...) are not checked. ``reamkit serve --allow-unknown-fields`` passes unknown
-fields through (logged once per name) for clients not covered here.
+``grammar_triggers``, ...) are not known fields. llama-server's native endpoints (``/completion``,
+``/infill``, ``/tokenize``, ...) are not checked.
 """
 
 from __future__ import annotations
+
 
 OPENAI_CHAT = frozenset({
     "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs", "max_completion_tokens",
@@ -95,11 +104,14 @@ ALLOWED: dict[str, frozenset[str]] = {
 # Names other servers use for something llama-server calls differently: the refusal says which to use.
 RENAMED = {"repetition_penalty": "repeat_penalty", "max_new_tokens": "max_tokens", "num_predict": "max_tokens",
            "max_output_tokens": "max_tokens", "stop_sequences": "stop", "typical": "typical_p",
-           "max_token": "max_tokens"}
+           "max_token": "max_tokens", "max_tokens": "max_output_tokens"}
+
+
+POLICIES = ("typos", "strict", "off")   # the default; --strict-fields; --allow-unknown-fields
 
 
 def unknown_fields(path: str, body: dict) -> list[str]:
-    """The top-level fields of ``body`` that ``path`` does not accept, in request order ([] if the path is
+    """The top-level fields of ``body`` that ``path`` does not know, in request order ([] if the path is
     not checked)."""
     allowed = ALLOWED.get(path)
     if allowed is None:
@@ -107,17 +119,62 @@ def unknown_fields(path: str, body: dict) -> list[str]:
     return [k for k in body if k not in allowed]
 
 
-def refusal(path: str, fields: list[str]) -> str:
-    """One line naming the first unknown field, what to do instead, and the opt-out."""
+def _squash(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
+def likely_meant(path: str, field: str) -> str | None:
+    """The known field ``field`` is probably a mistake for, or None."""
+    allowed = ALLOWED[path]
+    if RENAMED.get(field) in allowed:
+        return RENAMED[field]
+    squashed = {_squash(k): k for k in allowed}
+    if _squash(field) in squashed:
+        return squashed[_squash(field)]
+    budget = 0 if len(field) < 6 else 1 if len(field) < 12 else 2   # a slip per ~10 letters; short names differ by one (top_a, top_k)
+    close = sorted((_distance(field, k), k) for k in allowed if abs(len(k) - len(field)) <= budget)
+    return close[0][1] if close and close[0][0] <= budget else None
+
+
+def _distance(a: str, b: str) -> int:
+    """Edits (insert, delete, substitute, swap two neighbours) that turn ``a`` into ``b``."""
+    prev2, prev = [], list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        row = [i]
+        for j, cb in enumerate(b, 1):
+            row.append(min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (ca != cb)))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                row[j] = min(row[j], prev2[j - 2] + 1)
+        prev2, prev = prev, row
+    return prev[-1]
+
+
+def _misplaced(path: str, field: str) -> bool:
+    return path.startswith("/v1/messages") and field in LLAMA_GENERATION
+
+
+def to_refuse(path: str, fields: list[str], policy: str = "typos") -> list[str]:
+    """Which of the unknown ``fields`` the ``policy`` refuses (the rest pass through)."""
+    if policy == "strict":
+        return list(fields)
+    if policy == "off":
+        return []
+    return [f for f in fields if likely_meant(path, f) or _misplaced(path, f)]
+
+
+def refusal(path: str, fields: list[str], policy: str = "typos") -> str:
+    """One line naming the first refused field, what to do instead, and the opt-out."""
     field = fields[0]
     more = f" (and {len(fields) - 1} more: {', '.join(fields[1:4])}{', ...' if len(fields) > 4 else ''})" \
         if len(fields) > 1 else ""
-    if RENAMED.get(field) in ALLOWED[path]:
-        hint = f"; did you mean {RENAMED[field]!r}?"
-    elif path.startswith("/v1/messages") and field in ALLOWED["/v1/chat/completions"]:
+    meant = likely_meant(path, field)
+    if meant:
+        hint = f"; did you mean {meant!r}?"
+    elif _misplaced(path, field):
         hint = f"; llama-server takes {field!r} on /v1/chat/completions but ignores it on {path}"
     else:
         hint = ""
-    return (f"unknown field {field!r} in the request body{more}: {path} does not use it{hint}. Remove it, or start "
-            f"reamkit serve with --allow-unknown-fields to pass unknown fields through to llama-server (which "
-            f"ignores what it does not know)")
+    opt_out = ("start reamkit serve without --strict-fields to pass unknown fields through" if policy == "strict"
+               else "start reamkit serve with --allow-unknown-fields to pass it through anyway")
+    return (f"unknown field {field!r} in the request body{more}: {path} does not use it{hint}. Remove it, or "
+            f"{opt_out} (llama-server ignores what it does not know)")

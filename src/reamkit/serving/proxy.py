@@ -2,15 +2,19 @@
 
 Each piece exists because a test against the pinned llama-server showed the gap:
 
-* API keys are compared in constant time, before anything else, on every path but ``/health``
-  (llama-server's own comparison is a plain ``==`` and runs after its body parsing); llama-server itself
-  listens on a private loopback port behind a random key of its own.
-* A body over the size cap gets 413 before it is read whole, malformed JSON gets 400 (llama-server: 500), and
-  ``max_tokens`` larger than the context gets 400 (llama-server: accepted, then generates until the context is
-  full). Errors use the OpenAI shape, or the Anthropic shape on ``/v1/messages``.
-* Top-level fields an endpoint does not use get 400 naming the field (:mod:`.fields`; llama-server ignores
-  them silently), unless ``--allow-unknown-fields``.
-* Qwen3-Coder tool calls: binding ``tool_choice`` and cut-off calls returned as text (:mod:`.qwen3_coder`).
+* Only the documented endpoints are served, matched after path normalisation; API keys are compared in
+  constant time, before anything else, on every path but ``/health``; CORS as llama-server does it
+  (:mod:`.access`). llama-server itself listens on a private loopback port behind a random key of its own.
+* A body over the size cap gets 413 before it is read whole; anything else the client got wrong gets 400
+  (:mod:`.validation`; llama-server answers some with 500, accepts others silently). Errors use the OpenAI
+  shape, or the Anthropic shape on ``/v1/messages``.
+* Top-level fields an endpoint does not know: likely typos get 400 with the likely name, the rest pass
+  through with a warning logged once (:mod:`.fields`).
+* A client that hangs up before a whole (non-streamed) answer is ready closes the upstream request, which
+  stops its generation; streamed answers stop the same way.
+* Qwen3-Coder tool calls: binding ``tool_choice`` and cut-off calls returned as text (:mod:`.qwen3_coder`);
+  Anthropic ``disable_parallel_tool_use`` (dropped by llama-server's conversion) keeps the first call only.
+* ``/v1/responses`` streams get the event indices the openai SDK's helpers read (:mod:`.streams`).
 
 Everything else (``/v1/models``, completions, streaming, usage, the Anthropic conversion, tool-call parsing
 and typing) is llama-server's, passed through byte for byte.
@@ -18,8 +22,8 @@ and typing) is llama-server's, passed through byte for byte.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
@@ -32,26 +36,25 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import qwen3_coder
-from .fields import refusal, unknown_fields
+from .access import CORS, PUBLIC, SERVED, authorized, canonical
+from .fields import refusal, to_refuse, unknown_fields
 from .requestlog import summary
-from .streams import AnthropicToolStream, OpenAIToolStream, split_events
+from .streams import AnthropicToolStream, OpenAIToolStream, ResponsesStream, split_events
+from .validation import ANTHROPIC, CHAT, Invalid, check, parse
 
 log = logging.getLogger("reamkit.serve")
-PUBLIC = {"/health", "/v1/health"}
-ANTHROPIC = {"/v1/messages", "/v1/messages/count_tokens"}
-CHAT = {"/v1/chat/completions", "/chat/completions"}
-TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "n_predict")
 HOP_HEADERS = {"host", "content-length", "authorization", "x-api-key", "connection", "transfer-encoding",
-               "accept-encoding", "keep-alive", "upgrade"}
+               "accept-encoding", "keep-alive", "upgrade", "origin"}
+RESPONSES = {"/v1/responses", "/responses"}
 
 
 class Settings:
     def __init__(self, upstream: str, upstream_key: str, api_key: str | None, n_ctx: int,
                  qwen3_coder_tools: bool, max_body: int, verbose: bool = False, keepalive: int = 4,
-                 allow_unknown_fields: bool = False):
+                 field_policy: str = "typos", cors_origins: str = "*"):
         self.upstream, self.upstream_key, self.api_key = upstream, upstream_key, api_key
         self.n_ctx, self.qwen3_coder_tools, self.max_body, self.verbose = n_ctx, qwen3_coder_tools, max_body, verbose
-        self.keepalive, self.allow_unknown_fields = keepalive, allow_unknown_fields
+        self.keepalive, self.field_policy, self.cors_origins = keepalive, field_policy, cors_origins
 
 
 def error(path: str, status: int, message: str, kind: str = "invalid_request_error",
@@ -61,61 +64,6 @@ def error(path: str, status: int, message: str, kind: str = "invalid_request_err
     else:
         body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return JSONResponse(body, status_code=status)
-
-
-def authorized(request: Request, key: str) -> bool:
-    given = request.headers.get("authorization", "")
-    if given[:7].lower() == "bearer ":
-        given = given[7:]
-    elif not given:
-        given = request.headers.get("x-api-key", "")
-    return hmac.compare_digest(given.strip().encode(), key.encode())
-
-
-OPENAI_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
-ANTHROPIC_ROLES = {"user", "assistant", "system"}   # Claude Code sends system turns inside messages too
-# Block types of the Messages API that a client may send back; llama-server silently drops any other.
-ANTHROPIC_BLOCKS = {"text", "image", "document", "tool_use", "tool_result", "thinking", "redacted_thinking",
-                    "search_result", "server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
-                    "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result", "container_upload",
-                    "tool_reference"}
-
-
-def check_messages(body: dict, api: str) -> str | None:
-    """Roles and (Anthropic) content-block types llama-server would accept silently and mis-render or drop
-    (top-level fields: :mod:`.fields`)."""
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        return "'messages' must be a list"
-    roles = ANTHROPIC_ROLES if api == "anthropic" else OPENAI_ROLES
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            return f"messages[{i}] must be an object"
-        if msg.get("role") not in roles:
-            return f"messages[{i}].role {msg.get('role')!r} is not one of {', '.join(sorted(roles))}"
-        content = msg.get("content")
-        if api == "anthropic" and isinstance(content, list):
-            for block in content:
-                kind = block.get("type") if isinstance(block, dict) else None
-                if kind not in ANTHROPIC_BLOCKS:
-                    return f"messages[{i}] has a content block of unknown type {kind!r}"
-    return None
-
-
-def check_body(body: object, n_ctx: int, api: str | None = None) -> str | None:
-    """A one-line reason to refuse the request, or None."""
-    if not isinstance(body, dict):
-        return "the request body must be a JSON object"
-    if api:
-        reason = check_messages(body, api)
-        if reason:
-            return reason
-    for field in TOKEN_FIELDS:
-        value = body.get(field)
-        if isinstance(value, int) and not isinstance(value, bool) and value > n_ctx:
-            return (f"{field} = {value} is larger than the context of {n_ctx} tokens; "
-                    f"ask for at most {n_ctx} (prompt and answer share the context)")
-    return None
 
 
 def build_app(settings: Settings, llama_alive=lambda: True) -> Starlette:
@@ -129,10 +77,15 @@ def build_app(settings: Settings, llama_alive=lambda: True) -> Starlette:
 
     async def proxy(request: Request) -> Response:
         started = time.perf_counter()
-        path = request.url.path
+        path = canonical(request.url.path)
         if settings.api_key and path not in PUBLIC and not authorized(request, settings.api_key):
             log.warning("%s %s -> 401 (missing or wrong API key)", request.method, path)
             return error(path, 401, "invalid or missing API key", "authentication_error")
+        if path not in SERVED:
+            return error(path, 404, f"{path} is not an endpoint of reamkit serve", "not_found_error")
+        if request.method not in SERVED[path]:
+            return error(path, 405, f"{path} takes {', '.join(sorted(SERVED[path]))}, not {request.method}",
+                         "invalid_request_error")
         parts, size = [], 0
         try:
             async for part in request.stream():
@@ -149,24 +102,26 @@ def build_app(settings: Settings, llama_alive=lambda: True) -> Starlette:
                          "request_too_large")
         raw = b"".join(parts)
 
-        body, api, schemas = None, None, {}
-        if request.method == "POST" and raw:
+        body, api, schemas, single = None, None, {}, False
+        if request.method == "POST":
             try:
-                body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as e:
-                return error(path, 400, f"malformed JSON body: {e}")
-            api = "anthropic" if path == "/v1/messages" else "openai" if path in CHAT else None
-            reason = check_body(body, settings.n_ctx, api)
-            if reason:
-                return error(path, 400, reason)
-            unknown = unknown_fields(path, body) if isinstance(body, dict) else []
-            if unknown and not settings.allow_unknown_fields:
-                log.warning("%s %s -> 400 (unknown fields: %s)", request.method, path, ", ".join(unknown))
-                return error(path, 400, refusal(path, unknown), param=unknown[0])
+                body = parse(raw)
+                check(path, body, settings.n_ctx)
+            except Invalid as e:
+                log.warning("%s %s -> 400 (%s)", request.method, path, e)
+                return error(path, 400, str(e), param=e.param)
+            unknown = unknown_fields(path, body)
+            refused = to_refuse(path, unknown, settings.field_policy)
+            if refused:
+                log.warning("%s %s -> 400 (unknown fields: %s)", request.method, path, ", ".join(refused))
+                return error(path, 400, refusal(path, refused, settings.field_policy), param=refused[0])
             for name in unknown:
                 if (path, name) not in passed:
                     passed.add((path, name))
                     log.warning("%s: passing unknown field %r through to llama-server", path, name)
+            api = "anthropic" if path == "/v1/messages" else "openai" if path in CHAT else None
+            choice = body.get("tool_choice")
+            single = api == "anthropic" and isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True
             if api and settings.qwen3_coder_tools:
                 new, has_tools = qwen3_coder.rewrite_tool_choice(body, api)
                 if has_tools:
@@ -176,33 +131,38 @@ def build_app(settings: Settings, llama_alive=lambda: True) -> Starlette:
 
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         headers["authorization"] = f"Bearer {settings.upstream_key}"
-        for attempt in range(2):
-            upstream = client.build_request(request.method, path, params=request.query_params, headers=headers,
-                                            content=raw)
-            try:
-                resp = await client.send(upstream, stream=True)
-                break
-            except (httpx.RemoteProtocolError, httpx.ConnectError) as e:
-                # an idle kept-alive connection that llama-server closed just as we reused it: it never saw
-                # the request, so sending it once more on a fresh connection is safe
-                if attempt or not llama_alive():
-                    log.error("%s %s -> 502 (llama-server did not answer: %s)", request.method, path, e)
-                    return error(path, 502, "the model server did not answer", "api_error")
-        out_headers = {k: v for k, v in resp.headers.items()
-                       if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding")}
-        streamed = resp.headers.get("content-type", "").startswith("text/event-stream")
         label = f"{request.method} {path}" + (f" model={body.get('model')}" if isinstance(body, dict)
                                                 and body.get("model") else "")
+        sent = asyncio.ensure_future(_send(client, request, path, headers, raw, llama_alive))
+        gone = asyncio.ensure_future(_disconnected(request))
+        await asyncio.wait({sent, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not sent.done():
+            sent.cancel()         # closes the connection to llama-server, which stops the generation
+            log.info("%s -> client went away after %.2fs; its request was cancelled", label,
+                     time.perf_counter() - started)
+            return Response(status_code=499)
+        gone.cancel()        # from here on Starlette watches the connection (and stops a stream's relay)
+        resp, data = sent.result()
+        if resp is None:
+            log.error("%s %s -> 502 (llama-server did not answer: %s)", request.method, path, data)
+            return error(path, 502, "the model server did not answer", "api_error")
+        out_headers = {k: v for k, v in resp.headers.items()
+                       if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding")}
 
-        if not streamed:
-            data = await resp.aread()
-            await resp.aclose()
-            if schemas and resp.status_code == 200:
-                data = _repair_whole(data, api, schemas)
+        if data is not None:
+            if (schemas or single) and resp.status_code == 200:
+                data = _repair_whole(data, api, schemas, single)
+            elif path in ANTHROPIC and resp.status_code >= 400:
+                data = _anthropic_error(data, resp.status_code)
             _log(settings, label, resp.status_code, started, body, data)
             return Response(data, status_code=resp.status_code, headers=out_headers)
 
-        fixer = (AnthropicToolStream if api == "anthropic" else OpenAIToolStream)(schemas) if schemas else None
+        if api == "anthropic" and (schemas or single):
+            fixer = AnthropicToolStream(schemas, single)
+        elif schemas:
+            fixer = OpenAIToolStream(schemas)
+        else:
+            fixer = ResponsesStream() if path in RESPONSES else None
         seen: list[bytes] = []
 
         async def relay():
@@ -234,8 +194,38 @@ def build_app(settings: Settings, llama_alive=lambda: True) -> Starlette:
         yield
         await client.aclose()
 
-    routes = [Route("/{path:path}", proxy, methods=["GET", "POST", "PUT", "DELETE", "OPTIONS", "HEAD"])]
-    return Starlette(routes=routes, lifespan=lifespan)
+    routes = [Route("/{path:path}", proxy, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])]
+    return CORS(Starlette(routes=routes, lifespan=lifespan), settings.cors_origins)
+
+
+async def _send(client, request: Request, path: str, headers: dict, raw: bytes, llama_alive):
+    """The upstream answer and, unless it is an event stream, its whole body; (None, the error) if
+    llama-server did not answer."""
+    for attempt in range(2):
+        upstream = client.build_request(request.method, path, params=request.query_params, headers=headers,
+                                        content=raw)
+        try:
+            resp = await client.send(upstream, stream=True)
+            break
+        except (httpx.RemoteProtocolError, httpx.ConnectError) as e:
+            # an idle kept-alive connection that llama-server closed just as we reused it: it never saw
+            # the request, so sending it once more on a fresh connection is safe
+            if attempt or not llama_alive():
+                return None, e
+    if resp.headers.get("content-type", "").startswith("text/event-stream"):
+        return resp, None
+    try:
+        return resp, await resp.aread()
+    except httpx.HTTPError as e:          # llama-server went away mid-answer
+        return None, e
+    finally:
+        await resp.aclose()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has hung up (the body is already read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _close_then(resp, done) -> None:
@@ -243,16 +233,34 @@ async def _close_then(resp, done) -> None:
     done()
 
 
-def _repair_whole(data: bytes, api: str, schemas: dict) -> bytes:
+def _repair_whole(data: bytes, api: str, schemas: dict, single: bool) -> bytes:
     try:
         doc = json.loads(data)
     except ValueError:
         return data
     fix = qwen3_coder.repair_anthropic_message if api == "anthropic" else qwen3_coder.repair_openai_message
-    if fix(doc, schemas):
+    turned = fix(doc, schemas) if schemas else 0
+    if turned:
         log.warning("a tool call cut off by max_tokens was returned as text")
+    if single and qwen3_coder.first_call_only(doc) or turned:
         return json.dumps(doc, ensure_ascii=False).encode()
     return data
+
+
+def _anthropic_error(data: bytes, status: int) -> bytes:
+    """llama-server's own errors on the Messages endpoints come in the OpenAI shape: give them Anthropic's."""
+    try:
+        doc = json.loads(data)
+        err = doc["error"]
+        message = err["message"]
+    except (ValueError, KeyError, TypeError):
+        return data
+    if doc.get("type") == "error":
+        return data
+    kind = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large",
+            429: "rate_limit_error", 503: "overloaded_error"}.get(status)
+    kind = kind or ("invalid_request_error" if status < 500 else "api_error")
+    return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
 
 
 def _log(settings: Settings, label: str, status: int, started: float, body, answer: bytes,

@@ -209,3 +209,17 @@ def repair_anthropic_message(resp: dict, schemas: dict[str, dict]) -> int:
         if not any(b.get("type") == "tool_use" for b in out) and resp.get("stop_reason") == "tool_use":
             resp["stop_reason"] = "max_tokens"
     return turned
+
+
+def first_call_only(resp: dict) -> bool:
+    """Leave out every block of a non-streamed Anthropic message after its first ``tool_use`` (for
+    ``disable_parallel_tool_use``, which llama-server's Anthropic conversion drops). Returns whether any was."""
+    blocks = resp.get("content")
+    if not isinstance(blocks, list):
+        return False
+    first = next((i for i, b in enumerate(blocks) if isinstance(b, dict) and b.get("type") == "tool_use"), None)
+    if first is None or first == len(blocks) - 1:
+        return False
+    resp["content"] = blocks[:first + 1]
+    resp["stop_reason"] = "tool_use"
+    return True

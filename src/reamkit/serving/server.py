@@ -43,6 +43,8 @@ class ServeOptions:
     log_file: Path | None = None
     verbose: bool = False
     allow_unknown_fields: bool = False
+    strict_fields: bool = False
+    cors_origins: str = "*"
     startup_timeout: float = 600.0
     layer_nice: int = 10
     extra_args: list[str] = field(default_factory=list)
@@ -64,6 +66,10 @@ def check_options(opts: ServeOptions) -> None:
         raise ReamkitError(f"--max-body-mb {opts.max_body_mb} must be positive")
     if opts.api_key is not None and not opts.api_key.strip():
         raise ReamkitError("--api-key is empty")
+    if opts.allow_unknown_fields and opts.strict_fields:
+        raise ReamkitError("--allow-unknown-fields and --strict-fields contradict each other; pass one")
+    if not opts.cors_origins.strip():
+        raise ReamkitError("--cors-origins is empty; pass '*', 'localhost' or a comma-separated list of origins")
     if opts.chat_template_file and not Path(opts.chat_template_file).is_file():
         raise ReamkitError(f"chat template file {opts.chat_template_file} not found")
     forbidden = {"--tools", "--agent", "-ag", "--slot-save-path", "--rpc", "--mcp-servers-config",
@@ -89,10 +95,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def llama_server_command(binary: Path, model: Path, opts: ServeOptions, port: int, key: str, alias: str) -> list[str]:
-    cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--api-key", key,
+def llama_server_command(binary: Path, model: Path, opts: ServeOptions, port: int, key_file: str,
+                         alias: str) -> list[str]:
+    """The command line, with the private port's key as a file name (never the key: command lines are
+    world-readable in /proc). ``/slots`` and ``/metrics`` are on for the owner; the layer serves neither."""
+    cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--api-key-file", key_file,
            "--alias", alias, "-c", str(opts.ctx), "-np", str(opts.parallel), "--kv-unified",
-           "--jinja", "--no-webui", "--cors-origins", "localhost", "--no-slots", "--metrics",
+           "--jinja", "--no-webui", "--cors-origins", "localhost", "--metrics",
            "-ctk", opts.cache_type, "-ctv", opts.cache_type]
     if opts.threads:
         cmd += ["-t", str(opts.threads), "-tb", str(opts.threads)]
@@ -101,17 +110,33 @@ def llama_server_command(binary: Path, model: Path, opts: ServeOptions, port: in
     return cmd + list(opts.extra_args)
 
 
-class LlamaServer:
-    """The llama-server child: its own process group, its log in a file, stopped with the whole group."""
+def key_pipe(key: str) -> int:
+    """The read end of a pipe holding ``key``: llama-server reads it as ``/dev/fd/N``, which only processes of
+    the same user can open; once read, the key is nowhere but in the two processes' memory."""
+    read, write = os.pipe()
+    os.write(write, key.encode() + b"\n")
+    os.close(write)
+    return read
 
-    def __init__(self, cmd: list[str], log_path: Path, port: int, key: str):
-        self.cmd, self.log_path, self.port, self.key = cmd, log_path, port, key
+
+class LlamaServer:
+    """The llama-server child: its own process group, its log in a file, stopped with the whole group.
+    ``cmd`` is its command line, or ``cmd(key_file)`` gives it, the key reaching it through :func:`key_pipe`."""
+
+    def __init__(self, cmd, log_path: Path, port: int, key: str):
+        self.log_path, self.port, self.key = log_path, port, key
         self.url = f"http://127.0.0.1:{port}"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, preexec_fn=partial(die_with_parent, signal.SIGTERM),
-                                     env={**os.environ, **repack_env("llama-server")})
+        fd = key_pipe(key)
+        try:
+            self.cmd = cmd(f"/dev/fd/{fd}") if callable(cmd) else cmd
+            self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, pass_fds=(fd,), start_new_session=True,
+                                         preexec_fn=partial(die_with_parent, signal.SIGTERM),
+                                         env={**os.environ, **repack_env("llama-server")})
+        finally:
+            os.close(fd)
 
     def get(self, path: str) -> dict:
         req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.key}"})
@@ -204,7 +229,7 @@ def serve(model: str | Path, opts: ServeOptions, *, variant: str | None = None, 
     key = secrets.token_urlsafe(24)
     inner = free_port()
     log_path = Path(opts.log_file) if opts.log_file else default_log_path(port)
-    child = LlamaServer(llama_server_command(tc.tool("llama-server"), gguf, opts, inner, key, alias),
+    child = LlamaServer(partial(llama_server_command, tc.tool("llama-server"), gguf, opts, inner, alias=alias),
                         log_path, inner, key)
     lower_own_priority(opts.layer_nice)          # after the fork: llama-server keeps the normal priority
     try:
@@ -221,7 +246,8 @@ def serve(model: str | Path, opts: ServeOptions, *, variant: str | None = None, 
 
         settings = Settings(child.url, key, opts.api_key, n_ctx, is_qwen3_coder_template(template),
                             int(opts.max_body_mb * 2**20), opts.verbose, int(props.get("total_slots") or opts.parallel),
-                            opts.allow_unknown_fields)
+                            "strict" if opts.strict_fields else "off" if opts.allow_unknown_fields else "typos",
+                            opts.cors_origins)
         config = uvicorn.Config(build_app(settings, child.alive), host=opts.host, port=port, log_level="warning",
                                 access_log=False, timeout_keep_alive=30, lifespan="on")
         server = uvicorn.Server(config)

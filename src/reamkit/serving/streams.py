@@ -91,21 +91,30 @@ class OpenAIToolStream:
 
 class AnthropicToolStream:
     """Messages events (``event: X`` + ``data: {...}``); holds a ``tool_use`` block until the next block or
-    the ``message_delta`` shows whether it was cut off."""
+    the ``message_delta`` shows whether it was cut off. With ``single`` (``disable_parallel_tool_use``, which
+    llama-server's Anthropic conversion drops) every block after the first whole call is left out."""
 
-    def __init__(self, schemas: dict[str, dict]):
-        self.schemas = schemas
+    def __init__(self, schemas: dict[str, dict], single: bool = False):
+        self.schemas, self.single = schemas, single
         self.held: list[bytes] = []
         self.block: dict | None = None
         self.turned = 0
+        self.called = self.dropped = False
 
     def feed(self, event: bytes) -> list[bytes]:
-        if self.block is None and event.startswith((b"event: content_block_delta\n", b"event: ping\n")):
+        if self.block is None and not self.called and \
+                event.startswith((b"event: content_block_delta\n", b"event: ping\n")):
             return [event]            # text while no call is held, most events: no parsing
         data = _data(event)
         kind = data.get("type") if data else None
+        if self.called and kind in ("content_block_start", "content_block_delta", "content_block_stop"):
+            self.dropped = True
+            return []
         if kind == "content_block_start":
             out = self._release(cut_off=False)
+            if self.called:
+                self.dropped = True
+                return out
             block = data.get("content_block") or {}
             if block.get("type") == "tool_use":
                 self.block = {"index": data.get("index", 0), "name": block.get("name", ""), "json": ""}
@@ -119,7 +128,11 @@ class AnthropicToolStream:
             return []
         if kind == "message_delta":
             cut_off = (data.get("delta") or {}).get("stop_reason") == "max_tokens"
-            return self._release(cut_off=cut_off) + [event]
+            out = self._release(cut_off=cut_off)
+            if self.dropped:
+                data["delta"]["stop_reason"] = "tool_use"
+                event = _sse("message_delta", data)
+            return out + [event]
         return [event]
 
     def _release(self, cut_off: bool) -> list[bytes]:
@@ -128,6 +141,7 @@ class AnthropicToolStream:
         if block is None:
             return []
         if not cut_off or call_is_complete(block["json"] or "{}", self.schemas.get(block["name"])):
+            self.called = self.single
             return held
         self.turned += 1
         text = render_call(block["name"], parse_partial_object(block["json"]))
@@ -141,3 +155,31 @@ class AnthropicToolStream:
 
 def _sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+class ResponsesStream:
+    """Responses API events: llama-server's lack ``output_index``, ``content_index`` and ``sequence_number``,
+    which the openai SDK's ``responses.stream()`` reads; each event gets them (items numbered in the order
+    they are added, one content part per item)."""
+
+    def __init__(self):
+        self.items: dict[str, int] = {}
+        self.seq = 0
+
+    def feed(self, event: bytes) -> list[bytes]:
+        data = _data(event)
+        if data is None or not isinstance(data.get("type"), str):
+            return [event]
+        kind = data["type"]
+        item = data.get("item") if isinstance(data.get("item"), dict) else None
+        key = item.get("id") if item else data.get("item_id")
+        if key is not None:
+            data.setdefault("output_index", self.items.setdefault(key, len(self.items)))
+        if kind.startswith(("response.output_text.", "response.content_part.", "response.reasoning_text.")):
+            data.setdefault("content_index", 0)
+        if kind == "response.output_text.delta" or kind == "response.output_text.done":
+            data.setdefault("logprobs", [])
+        data.setdefault("sequence_number", self.seq)
+        self.seq += 1
+        name = event.split(b"\n", 1)[0][7:].decode() if event.startswith(b"event: ") else kind
+        return [_sse(name, data)]

@@ -1,0 +1,160 @@
+"""The pieces of ``reamkit serve``'s layer that need no model: request validation, path normalisation, CORS,
+the Responses event indices and the ``-v`` log, in front of a stub that records what reaches it."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from starlette.testclient import TestClient
+
+from reamkit.serving.access import allowed_origin, canonical
+from reamkit.serving.proxy import Settings, build_app
+from reamkit.serving.requestlog import summary
+from reamkit.serving.streams import ResponsesStream, split_events
+from reamkit.serving.validation import MAX_DEPTH, Invalid, check, parse
+
+
+class _Stub(BaseHTTPRequestHandler):
+    seen: list[tuple[str, str]] = []
+
+    def _answer(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(n)
+        self.seen.append((self.command, self.path))
+        answer = b'{"ok": true}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def stub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _client(stub: str, cors: str = "*", key: str | None = None) -> TestClient:
+    return TestClient(build_app(Settings(stub, "inner", key, 4096, False, 2**20, cors_origins=cors)))
+
+
+OK = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def test_paths_reach_the_stub_only_in_canonical_form(stub):
+    assert canonical("//v1//chat/completions/") == "/v1/chat/completions"
+    assert canonical("/v1/models/../../props") == "/props" and canonical("/../../x") == "/x"
+    with _client(stub) as c:
+        _Stub.seen.clear()
+        for path in ("/v1/chat/completions", "/v1//chat/completions", "/v1/./chat/completions",
+                     "/v1/x/../chat/completions", "/v1/chat/completions/"):
+            assert c.post(path, json=OK).status_code == 200, path
+        assert c.get("/v1/models/..%2f..%2fprops").status_code == 404
+        for path in ("/props", "/slots", "/metrics", "/lora-adapters", "/v1/x", "/"):
+            assert c.get(path).status_code == 404, path
+        assert c.post("/slots/0?action=erase", json={}).status_code == 404
+        assert c.get("/v1/chat/completions").status_code == 405
+        assert c.get("/v1/models").status_code == 200
+    assert _Stub.seen == [("POST", "/v1/chat/completions")] * 5 + [("GET", "/v1/models")]
+
+
+@pytest.mark.parametrize("body, path, words", [
+    (b"", "/v1/chat/completions", "empty"),
+    (b'{"a": "\\ud800"}', "/v1/chat/completions", "surrogate"),
+    (b'{"a": "\\uDFFF"}', "/v1/chat/completions", "surrogate"),
+    (b"[" * 5000 + b"]" * 5000, "/v1/chat/completions", "nested"),
+    (json.dumps({"a": json.loads("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1))}).encode(), "/v1/embeddings", "nested"),
+])
+def test_bodies_llama_server_answers_with_500_are_refused(body, path, words):
+    with pytest.raises(Invalid, match=words):
+        check(path, parse(body), 4096)
+
+
+def test_paired_surrogates_and_escaped_backslashes_are_fine():
+    assert parse(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001F600"}
+    assert parse(b'{"a": "\\\\ud800"}') == {"a": "\\ud800"}
+    check("/v1/chat/completions", {**OK, "n_predict": 0, "max_tokens": -1}, 4096)    # llama-server's "unlimited"
+    check("/v1/messages", {**OK, "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, 4096)
+
+
+@pytest.mark.parametrize("setting, origin, allowed", [
+    ("*", "http://web.example", True), ("*", "", False),
+    ("localhost", "http://localhost:3000", True), ("localhost", "http://127.0.0.1", True),
+    ("localhost", "http://[::1]:8080", True), ("localhost", "http://localhost.evil.com", False),
+    ("localhost", "http://evil.com", False), ("https://a.example,https://b.example", "https://b.example", True),
+    ("https://a.example", "https://c.example", False),
+])
+def test_cors_origins_like_llama_server(stub, setting, origin, allowed):
+    assert (allowed_origin(origin, setting) == origin) is allowed
+    with _client(stub, setting, key="k") as c:
+        pre = c.options("/v1/chat/completions", headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+        assert pre.status_code == 200 and pre.content == b""                   # no key needed, like llama-server
+        assert pre.headers.get("access-control-allow-origin") == (origin if allowed else None)
+        r = c.get("/v1/models", headers={"Origin": origin, "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers.get("access-control-allow-origin") == (origin if allowed else None)
+
+
+# llama-server's Responses stream (tools/server/server-task.cpp): no output_index / content_index / sequence_number
+LLAMA_RESPONSES = [
+    ("response.created", {"type": "response.created", "response": {"id": "resp_1", "object": "response",
+                                                                    "status": "in_progress"}}),
+    ("response.output_item.added", {"type": "response.output_item.added", "item": {
+        "content": [], "id": "msg_1", "role": "assistant", "status": "in_progress", "type": "message"}}),
+    ("response.content_part.added", {"type": "response.content_part.added", "item_id": "msg_1",
+                                     "part": {"type": "output_text", "text": ""}}),
+    ("response.output_text.delta", {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "Hel"}),
+    ("response.output_text.delta", {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "lo"}),
+    ("response.output_item.added", {"type": "response.output_item.added", "item": {
+        "id": "fc_x", "arguments": "", "call_id": "call_x", "name": "shell", "type": "function_call",
+        "status": "in_progress"}}),
+    ("response.function_call_arguments.delta", {"type": "response.function_call_arguments.delta",
+                                                "delta": "{}", "item_id": "fc_x"}),
+    ("response.output_text.done", {"type": "response.output_text.done", "item_id": "msg_1", "text": "Hello"}),
+    ("response.output_item.done", {"type": "response.output_item.done", "item": {
+        "type": "message", "status": "completed", "id": "msg_1", "role": "assistant", "content": []}}),
+    ("response.output_item.done", {"type": "response.output_item.done", "item": {
+        "id": "fc_x", "type": "function_call", "status": "completed", "arguments": "{}", "call_id": "call_x",
+        "name": "shell"}}),
+]
+
+
+def _sse(events) -> bytes:
+    return b"".join(f"event: {e}\ndata: {json.dumps(d)}\n\n".encode() for e, d in events)
+
+
+def test_responses_events_get_the_indices_the_openai_sdk_reads():
+    fixer = ResponsesStream()
+    events, rest = split_events(_sse(LLAMA_RESPONSES))
+    assert rest == b""
+    out = [json.loads(e.split(b"data: ", 1)[1]) for ev in events for e in fixer.feed(ev)]
+    assert [d["sequence_number"] for d in out] == list(range(len(LLAMA_RESPONSES)))
+    index = {d["type"] + "/" + str(d.get("item_id") or d.get("item", {}).get("id")): d.get("output_index")
+             for d in out}
+    assert index["response.output_text.delta/msg_1"] == 0 and index["response.output_item.done/msg_1"] == 0
+    assert index["response.function_call_arguments.delta/fc_x"] == 1 and index["response.output_item.done/fc_x"] == 1
+    assert all(d["content_index"] == 0 for d in out if "text" in d["type"] or "content_part" in d["type"])
+    assert "output_index" not in out[0]
+
+
+def test_verbose_log_reads_a_codex_request_and_responses_answers():
+    codex = {"model": "gpt-5-codex", "instructions": "be brief", "stream": True, "client_metadata": {"a": "b"},
+             "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "fix it"}]}],
+             "tools": [{"type": "function", "name": "shell", "parameters": {"type": "object"}}]}
+    line = summary(codex, _sse(LLAMA_RESPONSES))
+    assert 'asked: "fix it"' in line and 'answered: "Hello[call shell]"' in line
+    whole = {"object": "response", "output": [
+        {"type": "message", "content": [{"type": "output_text", "text": "Hi there"}]},
+        {"type": "function_call", "name": "shell", "arguments": "{}"}]}
+    assert 'answered: "Hi there[call shell]"' in summary({"input": "q"}, json.dumps(whole).encode())
+    assert summary({"messages": "odd", "input": 3}, b'data: {"delta": "x", "choices": ["y"]}\n\n')   # never raises
