@@ -304,29 +304,38 @@ UNKNOWN_FIELD = {
 }
 
 
-def test_each_endpoint_refuses_a_made_up_field_and_stays_up(server, oai, claude):
+TYPO = {"/v1/responses": "max_output_token", "/v1/embeddings": "dimension", "/v1/messages/count_tokens": "mesages"}
+
+
+def test_each_endpoint_refuses_a_typo_passes_a_foreign_field_and_stays_up(server, oai, claude):
     for path, body in UNKNOWN_FIELD.items():
-        status, answer = server.post(path, {**body, "x_made_up_option": True})
+        typo = TYPO.get(path, "max_token")
+        status, answer = server.post(path, {**body, typo: 2})
         assert status == 400, (path, status, answer)
-        assert "'x_made_up_option'" in answer["error"]["message"], (path, answer)
+        assert f"'{typo}'" in answer["error"]["message"] and "did you mean" in answer["error"]["message"], answer
         assert "--allow-unknown-fields" in answer["error"]["message"]
         assert (answer.get("type") == "error") == path.startswith("/v1/messages"), (path, answer)
+        status, answer = server.post(path, {**body, "x_made_up_option": True})
+        assert status == 200, (path, status, answer)
     with pytest.raises(openai.BadRequestError, match="did you mean 'repeat_penalty'"):
         oai.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                     extra_body={"repetition_penalty": 1.1})
-    with pytest.raises(anthropic.BadRequestError, match="'x_made_up_option'"):
+    with pytest.raises(anthropic.BadRequestError, match="did you mean 'max_tokens'"):
         claude.messages.create(model="m", max_tokens=2, messages=[{"role": "user", "content": "hi"}],
-                               extra_body={"x_made_up_option": 1})
+                               extra_body={"max_token": 1})
+    assert "passing unknown field 'x_made_up_option' through" in server.log
     assert server.proc.poll() is None
     assert oai.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=2).choices
 
 
-def test_allow_unknown_fields_opts_out(tiny_coder_gguf, tmp_path):
-    s = Served(tiny_coder_gguf, tmp_path, "--allow-unknown-fields", parallel=1)
+def test_strict_fields_refuses_every_unknown_field(tiny_coder_gguf, tmp_path):
+    s = Served(tiny_coder_gguf, tmp_path, "--strict-fields", parallel=1)
     try:
         status, answer = s.post("/v1/chat/completions", {**UNKNOWN_FIELD["/v1/chat/completions"], "x_made_up_option": 1})
+        assert status == 400 and "'x_made_up_option'" in answer["error"]["message"], answer
+        assert "--strict-fields" in answer["error"]["message"]
+        status, answer = s.post("/v1/chat/completions", UNKNOWN_FIELD["/v1/chat/completions"])
         assert status == 200 and answer["usage"]["completion_tokens"] == 2, answer
-        assert "passing unknown field 'x_made_up_option' through" in s.log
     finally:
         s.stop()
 
