@@ -6,8 +6,8 @@ default an unknown field is refused only when it looks like a mistake, and other
 warning logged once per name:
 
 * refused (400, "did you mean"): a name another server uses for one of ours (:data:`RENAMED`), a close
-  spelling of a known field (one or two letters off: ``max_token``, ``temprature``; ``maxTokens``), or one of llama-server's own
-  sampling fields on an Anthropic endpoint, whose conversion drops them;
+  spelling of a known field (a letter or two off: ``max_token``, ``temprature``; ``maxTokens``), or one of
+  llama-server's own sampling fields on an Anthropic endpoint, whose conversion drops them;
 * passed through: everything else. ``--strict-fields`` refuses every unknown field instead,
   ``--allow-unknown-fields`` passes every one (typos too).
 
@@ -131,7 +131,8 @@ def likely_meant(path: str, field: str) -> str | None:
     squashed = {_squash(k): k for k in allowed}
     if _squash(field) in squashed:
         return squashed[_squash(field)]
-    budget = 0 if len(field) < 6 else 1 if len(field) < 12 else 2   # a slip per ~10 letters; short names differ by one (top_a, top_k)
+    # a slip per ~10 letters; short names of different fields differ by one (top_a, top_k)
+    budget = 0 if len(field) < 6 else 1 if len(field) < 12 else 2
     close = sorted((_distance(field, k), k) for k in allowed if abs(len(k) - len(field)) <= budget)
     return close[0][1] if close and close[0][0] <= budget else None
 

@@ -77,7 +77,7 @@ def build_app(settings: Settings, llama_alive=lambda: True) -> Starlette:
 
     async def proxy(request: Request) -> Response:
         started = time.perf_counter()
-        path = canonical(request.url.path)
+        path = canonical(request.scope["path"])      # decoded (%2f is a slash), without the query
         if settings.api_key and path not in PUBLIC and not authorized(request, settings.api_key):
             log.warning("%s %s -> 401 (missing or wrong API key)", request.method, path)
             return error(path, 401, "invalid or missing API key", "authentication_error")

@@ -14,9 +14,11 @@ llama-server would answer with a 500, accept silently, or act on wrongly.
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 MAX_DEPTH = 64            # agents' requests (JSON schemas of tools included) stay far below
 TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict")
 OPENAI_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
@@ -49,7 +51,7 @@ def parse(raw: bytes) -> object:
         raise Invalid(f"the JSON body is nested deeper than {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise Invalid(f"malformed JSON body: {e}") from None
-    if b"\\u" in raw and b"\\ud" in raw.lower():         # only then can a lone surrogate be there
+    if SURROGATE_ESCAPE.search(raw):                # only then can a lone surrogate be there
         try:
             json.dumps(body, ensure_ascii=False).encode()
         except UnicodeEncodeError:
@@ -117,7 +119,7 @@ def _check_messages(body: dict, api: str) -> None:
             raise Invalid(f"messages[{i}].role {role!r} is not one of {', '.join(sorted(roles))}", "messages")
         content = msg.get("content")
         if api == "openai":
-            for call in msg.get("tool_calls") or [] if role == "assistant" else []:
+            for call in (msg.get("tool_calls") or []) if role == "assistant" else []:
                 if isinstance(call, dict):
                     calls.add(call.get("id"))
             if role == "tool" and msg.get("tool_call_id") not in calls:
@@ -152,9 +154,6 @@ def _check_tools(body: dict, api: str) -> None:
         kind = choice.get("type") if isinstance(choice, dict) else None
         named = choice.get("name") if kind == "tool" else None
         wants_tools = kind in ("any", "tool")
-    if isinstance(choice, dict) and api == "openai" and not isinstance(choice.get("function"), dict):
-        raise Invalid("tool_choice must be \"none\", \"auto\", \"required\" or "
-                      "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
     if wants_tools and not names:
         raise Invalid("tool_choice asks for a tool call, but the request has no tools", "tool_choice")
     if named is not None and named not in names:
