@@ -23,7 +23,7 @@ import openai
 import psutil
 import pytest
 
-from .serving_helpers import KEY, Served, anthropic_tool, tiny_coder_gguf, weather_tool, write_tool  # noqa: F401
+from .serving_helpers import KEY, Served, anthropic_tool, tiny_coder_gguf, weather_tool  # noqa: F401
 
 OWNER_KEY = "owner-key-for-the-private-port"
 CTX = 8192
@@ -314,15 +314,26 @@ def test_responses_stream_helper_and_the_verbose_log(server):
     assert "AttributeError" not in server.log and "Traceback" not in server.log
 
 
-def test_anthropic_disable_parallel_tool_use_gives_one_call(server):
+TIMER = {"name": "set_timer", "description": "Start a timer", "input_schema": {
+    "type": "object", "properties": {"minutes": {"type": "integer", "minimum": 1, "maximum": 9}},
+    "required": ["minutes"]}}
+
+
+@pytest.mark.parametrize("choice, prompt", [({"type": "tool", "name": "set_timer"}, "go"), ({"type": "any"}, "hi")],
+                         ids=["named", "any"])
+def test_anthropic_disable_parallel_tool_use_gives_one_call(server, choice, prompt):
+    """Greedy decoding of the tiny model makes several calls here (the control; "any" ends in a cut-off call,
+    returned as text); with disable_parallel_tool_use only the first is answered, whole or streamed."""
     claude = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=120)
-    tools = [anthropic_tool(weather_tool()), anthropic_tool(write_tool())]
-    kw = dict(model="m", max_tokens=300, tools=tools, messages=[{"role": "user", "content": "weather"}],
-              tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
-              extra_body={"temperature": 0})
-    whole = claude.messages.create(**kw)
-    with claude.messages.stream(**kw) as s:
+    kw = dict(model="m", max_tokens=300, tools=[TIMER], messages=[{"role": "user", "content": prompt}],
+              extra_body={"temperature": 0, "top_k": 1})
+    control = claude.messages.create(tool_choice=choice, **kw)
+    assert [b.type for b in control.content].count("tool_use") >= 2, control.content
+    single = {**choice, "disable_parallel_tool_use": True}
+    whole = claude.messages.create(tool_choice=single, **kw)
+    with claude.messages.stream(tool_choice=single, **kw) as s:
         streamed = s.get_final_message()
     for m in (whole, streamed):
         assert [b.type for b in m.content] == ["tool_use"], m.content
-        assert m.content[0].name == "get_weather" and m.stop_reason == "tool_use"
+        assert m.content[0].name == "set_timer" and m.stop_reason == "tool_use"
+        assert m.content[0].input == control.content[0].input          # the same first call
