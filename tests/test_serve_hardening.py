@@ -134,6 +134,10 @@ MALFORMED = {                       # name: (method, path, body, status)
         "name": "f", "parameters": {"type": "nonsense"}}}]}, 400),
     "tool schema not an object": ("POST", CHAT, {**OK_CHAT, "tools": [{"type": "function", "function": {
         "name": "f", "parameters": "x"}}]}, 400),
+    "tool schema with an unresolvable $ref": ("POST", CHAT, {**OK_CHAT, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"$ref": "#/$defs/gone"}}}}}]}, 400),
+    "tool schema with an empty enum": ("POST", MSGS, {**OK_MSGS, "tools": [{"name": "f", "input_schema": {
+        "type": "object", "properties": {"a": {"enum": []}}}}]}, 400),
     "tools not a list": ("POST", CHAT, {**OK_CHAT, "tools": {"a": 1}}, 400),
     "tool not an object": ("POST", CHAT, {**OK_CHAT, "tools": [1]}, 400),
     "typo of a known field": ("POST", CHAT, {**OK_CHAT, "max_token": 5}, 400),

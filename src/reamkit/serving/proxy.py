@@ -150,12 +150,17 @@ def build_app(settings: Settings, llama_alive=lambda: True) -> Starlette:
                        if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding")}
 
         if data is not None:
-            if (schemas or single) and resp.status_code == 200:
+            status = resp.status_code
+            if (schemas or single) and status == 200:
                 data = _repair_whole(data, api, schemas, single)
-            elif path in ANTHROPIC and resp.status_code >= 400:
-                data = _anthropic_error(data, resp.status_code)
-            _log(settings, label, resp.status_code, started, body, data)
-            return Response(data, status_code=resp.status_code, headers=out_headers)
+            elif status == 500 and b'"JSON schema error' in data:
+                # a tool schema that passes the meta-schema but that llama-server cannot make a grammar of
+                # (an unresolvable $ref, an empty enum): the client's fault
+                return error(path, 400, json.loads(data)["error"]["message"], param="tools")
+            elif path in ANTHROPIC and status >= 400:
+                data = _anthropic_error(data, status)
+            _log(settings, label, status, started, body, data)
+            return Response(data, status_code=status, headers=out_headers)
 
         if api == "anthropic" and (schemas or single):
             fixer = AnthropicToolStream(schemas, single)
