@@ -158,3 +158,55 @@ def test_verbose_log_reads_a_codex_request_and_responses_answers():
         {"type": "function_call", "name": "shell", "arguments": "{}"}]}
     assert 'answered: "Hi there[call shell]"' in summary({"input": "q"}, json.dumps(whole).encode())
     assert summary({"messages": "odd", "input": 3}, b'data: {"delta": "x", "choices": ["y"]}\n\n')   # never raises
+
+
+RICH = {
+    "/v1/chat/completions": {"model": "m", "max_tokens": 2, "tool_choice": {"type": "function", "function": {
+        "name": "f"}}, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}}}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                     {"role": "assistant", "content": None, "tool_calls": [
+                         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                     {"role": "tool", "tool_call_id": "c1", "content": "ok"}]},
+    "/v1/messages": {"model": "m", "max_tokens": 2, "tool_choice": {"type": "tool", "name": "f"},
+                     "tools": [{"name": "f", "input_schema": {"type": "object", "properties": {"a": {"type": "string"}}}}],
+                     "messages": [{"role": "user", "content": "hi"},
+                                  {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f",
+                                                                     "input": {"a": "x"}}]},
+                                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                                                "content": "ok"}]}]},
+}
+ODD = [None, True, -1, 1.5, "x", [], {}, [1, "x"], {"a": [None]}]
+
+
+def _spots(doc, here=()):
+    yield here
+    children = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else []
+    for k, v in children:
+        yield from _spots(v, (*here, k))
+
+
+def _replaced(doc, spot, value):
+    doc = json.loads(json.dumps(doc))
+    if not spot:
+        return value
+    target = doc
+    for k in spot[:-1]:
+        target = target[k]
+    target[spot[-1]] = value
+    return doc
+
+
+@pytest.mark.parametrize("path", sorted(RICH))
+def test_no_odd_value_anywhere_in_a_request_gets_a_500(stub, path):
+    """Every node of a request with tools, calls and results replaced by each odd value in turn: the layer
+    answers 4xx or passes the request on (the stub's 200), never fails itself."""
+    with _client(stub) as c:
+        assert c.post(path, json=RICH[path]).status_code == 200
+        statuses = set()
+        for spot in list(_spots(RICH[path])):
+            for value in ODD:
+                r = c.post(path, json=_replaced(RICH[path], spot, value))
+                assert r.status_code in (200, 400), (spot, value, r.status_code, r.text)
+                statuses.add(r.status_code)
+    assert statuses == {200, 400}

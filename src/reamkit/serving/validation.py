@@ -114,27 +114,33 @@ def _check_messages(body: dict, api: str) -> None:
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             raise Invalid(f"messages[{i}] must be an object", "messages")
-        role = msg.get("role")
+        role = _text(msg.get("role"))
         if role not in roles:
             raise Invalid(f"messages[{i}].role {role!r} is not one of {', '.join(sorted(roles))}", "messages")
         content = msg.get("content")
         if api == "openai":
-            for call in (msg.get("tool_calls") or []) if role == "assistant" else []:
+            made = msg.get("tool_calls") if role == "assistant" else None
+            for call in made if isinstance(made, list) else []:
                 if isinstance(call, dict):
-                    calls.add(call.get("id"))
-            if role == "tool" and msg.get("tool_call_id") not in calls:
+                    calls.add(_text(call.get("id")))
+            if role == "tool" and _text(msg.get("tool_call_id")) not in calls:
                 raise Invalid(f"messages[{i}] answers tool call {msg.get('tool_call_id')!r}, which no earlier "
                               f"assistant message made", "messages")
             continue
         for block in content if isinstance(content, list) else []:
-            kind = block.get("type") if isinstance(block, dict) else None
+            kind = _text(block.get("type")) if isinstance(block, dict) else None
             if kind not in ANTHROPIC_BLOCKS:
                 raise Invalid(f"messages[{i}] has a content block of unknown type {kind!r}", "messages")
             if kind == "tool_use" and role == "assistant":
-                calls.add(block.get("id"))
-            elif kind == "tool_result" and block.get("tool_use_id") not in calls:
+                calls.add(_text(block.get("id")))
+            elif kind == "tool_result" and _text(block.get("tool_use_id")) not in calls:
                 raise Invalid(f"messages[{i}]: tool_result for {block.get('tool_use_id')!r}, which no earlier "
                               f"assistant tool_use block has", "messages")
+
+
+def _text(value, other=None):
+    """``value`` if it is a string, else ``other`` (ids and names are compared as strings only)."""
+    return value if isinstance(value, str) else other
 
 
 def _check_tools(body: dict, api: str) -> None:
@@ -147,12 +153,12 @@ def _check_tools(body: dict, api: str) -> None:
             names.add(_check_tool(i, tool, api))
     choice = body.get("tool_choice")
     if api == "openai":
-        named = (choice.get("function") or {}).get("name") if isinstance(choice, dict) and \
+        named = _text(choice["function"].get("name"), "") if isinstance(choice, dict) and \
             isinstance(choice.get("function"), dict) else None
         wants_tools = choice == "required" or isinstance(choice, dict)
     else:
         kind = choice.get("type") if isinstance(choice, dict) else None
-        named = choice.get("name") if kind == "tool" else None
+        named = _text(choice.get("name"), "") if kind == "tool" else None
         wants_tools = kind in ("any", "tool")
     if wants_tools and not names:
         raise Invalid("tool_choice asks for a tool call, but the request has no tools", "tool_choice")
