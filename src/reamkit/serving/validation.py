@@ -3,10 +3,12 @@ llama-server would answer with a 500, accept silently, or act on wrongly.
 
 * the body: empty, not JSON, a lone UTF-16 surrogate (``"\\ud800"``), nested deeper than :data:`MAX_DEPTH`,
   not an object;
-* messages: not a non-empty list, an unknown role or Anthropic content-block type, a tool result whose call id
-  no earlier assistant turn made;
-* token limits: not an integer (``3.5``, ``true``), below -1, above the context, missing on ``/v1/messages``
-  (the Messages API requires it), or unlimited together with ``ignore_eos`` (which fills the context);
+* messages: not a non-empty list, an unknown role or Anthropic content-block type, an earlier tool call
+  without a function name or with arguments that are not a JSON object, a tool result whose call id no
+  earlier assistant turn made;
+* token limits: not an integer (``3.5``, ``true``), below -1, above the context, missing or below 1 on
+  ``/v1/messages`` (the Messages API requires one), or unlimited together with ``ignore_eos`` (which fills
+  the context);
 * tools: not a list of objects, a function tool without ``function``/``name``, a parameter schema that is not
   a valid JSON schema; a ``tool_choice`` naming a tool the request does not offer.
 """
@@ -79,8 +81,9 @@ def check(path: str, body: object, n_ctx: int) -> None:
     if api:
         _check_messages(body, api)
         _check_tools(body, api)
-    if path == "/v1/messages" and "max_tokens" not in body:
-        raise Invalid("max_tokens is required on /v1/messages (the Messages API has no default)", "max_tokens")
+    if path == "/v1/messages" and not (isinstance(body.get("max_tokens"), int) and body["max_tokens"] >= 1):
+        raise Invalid("max_tokens is required on /v1/messages, a whole number of at least 1 (the Messages API has "
+                      "no default)", "max_tokens")
     _check_limits(body, n_ctx)
 
 
@@ -120,9 +123,7 @@ def _check_messages(body: dict, api: str) -> None:
         content = msg.get("content")
         if api == "openai":
             made = msg.get("tool_calls") if role == "assistant" else None
-            for call in made if isinstance(made, list) else []:
-                if isinstance(call, dict):
-                    calls.add(_text(call.get("id")))
+            calls.update(_check_call(i, call) for call in (made if isinstance(made, list) else []))
             if role == "tool" and _text(msg.get("tool_call_id")) not in calls:
                 raise Invalid(f"messages[{i}] answers tool call {msg.get('tool_call_id')!r}, which no earlier "
                               f"assistant message made", "messages")
@@ -132,10 +133,31 @@ def _check_messages(body: dict, api: str) -> None:
             if kind not in ANTHROPIC_BLOCKS:
                 raise Invalid(f"messages[{i}] has a content block of unknown type {kind!r}", "messages")
             if kind == "tool_use" and role == "assistant":
+                if not isinstance(block.get("input"), (dict, type(None))):
+                    raise Invalid(f"messages[{i}]: the input of tool_use {block.get('id')!r} must be an object",
+                                  "messages")
                 calls.add(_text(block.get("id")))
             elif kind == "tool_result" and _text(block.get("tool_use_id")) not in calls:
                 raise Invalid(f"messages[{i}]: tool_result for {block.get('tool_use_id')!r}, which no earlier "
                               f"assistant tool_use block has", "messages")
+
+
+def _check_call(i: int, call: object) -> str | None:
+    """An earlier assistant tool call as llama-server's chat template needs it; returns its id."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or call.get("type", "function") != "function" or not isinstance(fn.get("name"), str):
+        raise Invalid(f"messages[{i}].tool_calls: each call needs \"type\": \"function\" and a \"function\" "
+                      f"with a string \"name\"", "messages")
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            args = ""
+    if not isinstance(args, (dict, type(None))):
+        raise Invalid(f"messages[{i}].tool_calls: the arguments of {fn['name']!r} must be a JSON object (or a "
+                      f"string holding one)", "messages")
+    return _text(call.get("id"))
 
 
 def _text(value, other=None):
