@@ -124,6 +124,15 @@ MALFORMED = {                       # name: (method, path, body, status)
     "message not an object": ("POST", CHAT, {**OK_CHAT, "messages": [1]}, 400),
     "unknown role": ("POST", CHAT, {**OK_CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400),
     "tool message for an unknown call id": ("POST", CHAT, {**OK_CHAT, "tools": TOOLS, "messages": _tool_turns("call_9")}, 400),
+    "text part not a string": ("POST", CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": 5}]}]}, 400),
+    "earlier call without a name": ("POST", CHAT, {**OK_CHAT, "messages": [*HI, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"arguments": "{}"}}]}]}, 400),
+    "earlier call's arguments not JSON": ("POST", CHAT, {**OK_CHAT, "messages": [*HI, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "x"}}]}]}, 400),
+    "anthropic tool_use input a string": ("POST", MSGS, {**OK_MSGS, "messages": [*HI, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t", "name": "f", "input": "x"}]}]}, 400),
+    "anthropic max_tokens -1": ("POST", MSGS, {**OK_MSGS, "max_tokens": -1}, 400),
     "tool_choice names a missing tool": ("POST", CHAT, {**OK_CHAT, "tools": TOOLS, "tool_choice": {
         "type": "function", "function": {"name": "launch_rocket"}}}, 400),
     "tool_choice required without tools": ("POST", CHAT, {**OK_CHAT, "tool_choice": "required"}, 400),

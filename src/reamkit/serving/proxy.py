@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 
 import httpx2 as httpx
@@ -46,6 +47,7 @@ log = logging.getLogger("reamkit.serve")
 HOP_HEADERS = {"host", "content-length", "authorization", "x-api-key", "connection", "transfer-encoding",
                "accept-encoding", "keep-alive", "upgrade", "origin"}
 RESPONSES = {"/v1/responses", "/responses"}
+CLIENT_FAULTS = re.compile(rb'"message": ?"(JSON schema error|Failed to parse messages)')
 
 
 class Settings:
@@ -153,10 +155,11 @@ def build_app(settings: Settings, llama_alive=lambda: True) -> Starlette:
             status = resp.status_code
             if (schemas or single) and status == 200:
                 data = _repair_whole(data, api, schemas, single)
-            elif status == 500 and b'"JSON schema error' in data:
-                # a tool schema that passes the meta-schema but that llama-server cannot make a grammar of
-                # (an unresolvable $ref, an empty enum): the client's fault
-                return error(path, 400, json.loads(data)["error"]["message"], param="tools")
+            elif status == 500 and CLIENT_FAULTS.search(data):
+                # messages llama-server could not read (a text part that is not a string, ...) or a tool schema
+                # that passes the meta-schema but that it cannot make a grammar of (an unresolvable $ref, an
+                # empty enum): the client's fault
+                return error(path, 400, json.loads(data)["error"]["message"])
             elif path in ANTHROPIC and status >= 400:
                 data = _anthropic_error(data, status)
             _log(settings, label, status, started, body, data)
@@ -272,5 +275,8 @@ def _log(settings: Settings, label: str, status: int, started: float, body, answ
          stream: bool = False) -> None:
     line = f"{label}{' stream' if stream else ''} -> {status} in {time.perf_counter() - started:.2f}s"
     if settings.verbose and isinstance(body, dict):
-        line += f" | {summary(body, answer)}"
+        try:
+            line += f" | {summary(body, answer)}"
+        except Exception as e:  # noqa: BLE001   the log line must never cost the client its answer
+            line += f" | (not summarised: {type(e).__name__}: {e})"
     log.info(line)
