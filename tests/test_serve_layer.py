@@ -163,7 +163,7 @@ def test_verbose_log_reads_a_codex_request_and_responses_answers():
 RICH = {
     "/v1/chat/completions": {"model": "m", "max_tokens": 2, "tool_choice": {"type": "function", "function": {
         "name": "f"}}, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
-            "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}}}],
+            "$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}}}],
         "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
                      {"role": "assistant", "content": None, "tool_calls": [
                          {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},

@@ -208,8 +208,10 @@ def _check_tool(i: int, tool: object, api: str) -> str | None:
     if schema is not None:
         if not isinstance(schema, dict):
             raise Invalid(f"{where} must be a JSON schema object", "tools")
+        if not isinstance(schema.get("$schema", ""), str):
+            raise Invalid(f"{where}.$schema must be a string (the URI of a JSON schema draft)", "tools")
         try:
-            jsonschema.validators.validator_for(schema).check_schema(schema)
+            jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
         except jsonschema.SchemaError as e:
             raise Invalid(f"{where} is not a valid JSON schema: {e.message}"[:300], "tools") from None
     return name
