@@ -183,7 +183,9 @@ def test_errors_are_over_chunks(run):
             assert statistics.fmean(chunks) == pytest.approx(s["kld_mean"], abs=2e-5)
             assert statistics.fmean(s["chunks"]["top1_pct"]) == pytest.approx(s["same_top1_pct"], abs=2e-3)
             over_chunks = statistics.stdev(chunks) / 8 ** 0.5
-            assert s["kld_mean_se"] >= s["kld_mean_err"] and s["kld_mean_se"] >= over_chunks * 0.99
+            # the printed rounding's share (5 decimals, amplified by the recovery) is taken out of the chunk spread
+            assert s["kld_mean_se"] >= s["kld_mean_err"]
+            assert s["kld_mean_se"] == pytest.approx(max(over_chunks, s["kld_mean_err"]), rel=0.1)
             assert s["kld_p99_se"] is not None and s["kld_p99_se"] >= 0 and s["same_top1_pct_se"] > 0
 
 

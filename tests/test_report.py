@@ -352,6 +352,9 @@ def test_a_difference_within_its_error_ranks_nobody():
 
     ans = class_answer([ream, reap, plain])
     assert ans["verdict"] == "cannot tell" and ans["tied"]
+    worse = _chunked("m.Q3_K_S", "none", 2.9, [2 * b for b in base], 0.01, 5, 128)       # twice the KLD
+    ans = class_answer([ream, reap, worse])
+    assert ans["verdict"] == "drop experts" and ans["diff"]["diff"] < -Z * ans["diff"]["se"]
 
 
 _NOTE = re.compile(r"^(tied )?(best KLD|smallest|fastest tg|fastest pp|best pass@1)$")
