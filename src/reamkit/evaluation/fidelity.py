@@ -5,7 +5,8 @@ The pinned ``llama-perplexity`` does the work: one run over the reference stores
 (``--kl-divergence-base``, about ``4 * V / 2`` bytes per scored token), then each variant is scored against that
 file (``--kl-divergence``) on exactly the same tokens. Only the second half of each ``ctx`` window is scored
 (``ctx / 2 - 1`` tokens), so ``tokens`` scored tokens take ``tokens / (ctx / 2 - 1)`` chunks. The reference file is computed once per reference,
-text and settings, and kept within a disk budget.
+text and settings, and kept within a disk budget. Each figure carries its standard error over the evaluation
+chunks, and each chunk's own KLD and same-top-1 are kept for paired comparisons (:mod:`.stats`).
 """
 
 from __future__ import annotations
