@@ -76,7 +76,9 @@ def derive_notes(rows: list[dict]) -> dict[str, list[str]]:
         notes[n].append("Pareto")
     step = best_step(by, front)
     if step:
-        notes[step[0]].append(f"best KLD drop per GB (vs {_short(step[1])})")
+        short = _short(step[1])
+        same = sum(_short(r["variant"]) == short for r in rows) > 1          # REAM and REAP files of one type
+        notes[step[0]].append(f"best KLD drop per GB (vs {step[1] if same else short})")
     for key, label in EXTREMES:
         names, tied = extreme(rows, key)
         for n in names:
