@@ -175,3 +175,17 @@ def test_bandwidth_share_where_weights_come_from_memory(ladder, tmp_path, monkey
     r = measure_speed(ladder["Q2_K"], tmp_path, SpeedOptions(prompt=16, gen=4, repetitions=1, threads=1,
                                                               busy_retries=0))
     assert r.bandwidth_share == pytest.approx(r.tg_tps / r.bound_tps) and r.bandwidth_share > 0
+
+
+def test_threads_default_to_the_free_cores():
+    """Busy loops on every core: the default thread count is what they leave free (one), not every core."""
+    from reamkit.evaluation.cpuload import free_cores
+
+    hogs = _hogs(os.cpu_count() or 1, seconds=30)
+    try:
+        free = free_cores(sample_s=1.0)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    assert free == 1
