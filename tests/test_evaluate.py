@@ -84,6 +84,13 @@ def test_kld_matches_an_independent_computation(run, ladder, figure):
     tool = res["Q2_K"].sets["code"]["kld_mean"]
     figure(f"Q2_K code mean KLD: llama-perplexity {tool:.5f}, recomputed from the bindings {ours:.5f}")
     assert ours == pytest.approx(tool, rel=0.05)
+    # each chunk's own KLD, recovered from the tool's running means, is the one recomputed for that chunk
+    chunks = res["Q2_K"].sets["code"]["chunks"]["kld"]
+    mine = [float(k.mean()) for k in klds]
+    figure("Q2_K code KLD per chunk: tool " + " ".join(f"{c:.4f}" for c in chunks)
+           + " | bindings " + " ".join(f"{c:.4f}" for c in mine))
+    assert len(chunks) == len(mine) == 8
+    assert chunks == pytest.approx(mine, rel=0.1, abs=5e-4)
 
 
 def test_reference_logits_are_computed_once(run, ladder):
@@ -161,3 +168,41 @@ def test_parser_tolerates_nan():
     assert got["same_top1_pct"] == 85.63 and got["same_top1_pct_err"] == 1.101
     with pytest.raises(ReamkitError):
         parse_kld_output("nothing")
+
+
+def test_errors_are_over_chunks(run):
+    """Per-chunk values recovered from the running means; the error of the mean over the 8 chunks of a set, never
+    below the tool's own token-level error."""
+    import statistics
+
+    _, res = run
+    for t in LADDER:
+        for name, s in res[t].sets.items():
+            chunks = s["chunks"]["kld"]
+            assert len(chunks) == 8 and len(s["chunks"]["top1_pct"]) == 8
+            assert statistics.fmean(chunks) == pytest.approx(s["kld_mean"], abs=2e-5)
+            assert statistics.fmean(s["chunks"]["top1_pct"]) == pytest.approx(s["same_top1_pct"], abs=2e-3)
+            over_chunks = statistics.stdev(chunks) / 8 ** 0.5
+            # the printed rounding's share (5 decimals, amplified by the recovery) is taken out of the chunk spread
+            assert s["kld_mean_se"] >= s["kld_mean_err"]
+            assert s["kld_mean_se"] == pytest.approx(max(over_chunks, s["kld_mean_err"]), rel=0.1)
+            assert s["kld_p99_se"] is not None and s["kld_p99_se"] >= 0 and s["same_top1_pct_se"] > 0
+
+
+def test_chunk_table_parsing_and_quantile_error():
+    from reamkit.evaluation.stats import chunk_table, mean_se, per_chunk, quantile_se, wilson
+
+    values = [0.10, 0.30, 0.20, 0.40]
+    running = [sum(values[:i]) / i for i in range(1, 5)]
+    text = "\n".join(f"{i:4d}    {9.5:9.4f} ± {0.1:9.4f}    {0.01:10.5f} ± {0.001:10.5f}    {m:10.5f} ± {0.01:10.5f}"
+                     f"    {3.0:6.3f} ± {0.1:6.3f} %    {90.0:6.3f} ± {1.0:6.3f} %" for i, m in enumerate(running, 1))
+    got = chunk_table("chunk  PPL ...\n" + text + "\n")
+    assert per_chunk(got["kld"]) == pytest.approx(values, abs=1e-4) and got["top1_pct"] == [90.0] * 4
+    assert mean_se(values) == pytest.approx(0.1291 / 2, rel=1e-3)
+    # an order statistic's band: n = 10000 tokens, p = 0.99 -> ranks 0.99 ± 0.000995
+    qs = {0.95: 1.0, 0.99: 2.0, 0.999: 3.0}
+    assert quantile_se(0.99, 10000, qs) == pytest.approx((2.0 + 0.000995 / 0.009 - (2.0 - 0.000995 / 0.04)) / 2,
+                                                          rel=1e-2)
+    assert quantile_se(0.99, 2500, qs, design_effect=4.0) == pytest.approx(quantile_se(0.99, 625, qs))
+    lo, hi = wilson(0, 10)
+    assert lo == 0 and hi == pytest.approx(0.2775, abs=1e-4)

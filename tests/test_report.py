@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,14 +18,17 @@ from reamkit.errors import ReamkitError
 from reamkit.evaluation import FidelityOptions, evaluate_fidelity
 from reamkit.evaluation.speed import SpeedOptions, measure_speed
 from reamkit.report import compare, derive_notes, fit, fit_lines, pareto, write_card, write_variants
+from reamkit.evaluation.stats import Z, sig
 from reamkit.report.compare import RECOMMEND_KLD_MARGIN, fmt
 from reamkit.report.families import QWEN3_CODER_NEXT_REAM
 from reamkit.report.fit import arch_from_config, kv_cache_bytes, recurrent_state_bytes
-from reamkit.toolchain import pins
+from reamkit.toolchain import find_toolchain, pins
 
 from .report_support import tiny_ladder
 
 PASS_AT_1 = {"demo.F16": 0.40, "demo.Q8_0": 0.38, "demo.Q2_K": 0.20}
+N_TASKS = 100
+FIDELITY = FidelityOptions(tokens=635, ctx=256, threads=2)       # 5 chunks of 127 scored tokens per set
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +37,14 @@ def run(tmp_path_factory) -> Path:
     ladder = tiny_ladder(tmp_path_factory.getbasetemp() / "report-ladder")
     run_dir = tmp_path_factory.mktemp("report-run")
     variants = [ladder["F16"], ladder["Q8_0"], ladder["Q2_K"]]
-    evaluate_fidelity(variants, ladder["F16"], run_dir, FidelityOptions(tokens=254, ctx=256, threads=2))
+    evaluate_fidelity(variants, ladder["F16"], run_dir, FIDELITY)
     for v in variants:
-        measure_speed(v, run_dir, SpeedOptions(prompt=32, gen=8, repetitions=1, threads=1))
+        measure_speed(v, run_dir, SpeedOptions(prompt=32, gen=8, repetitions=1, threads=1, busy_retries=0))
     # HumanEval on the demo model takes minutes of generation; its result file is written by hand here, in the
     # format reamkit humaneval writes, only for the pass@1 column.
     (run_dir / "humaneval").mkdir()
     for name, p in PASS_AT_1.items():
-        (run_dir / "humaneval" / f"{name}.json").write_text(json.dumps({"pass_at_1": p, "n_tasks": 10}))
+        (run_dir / "humaneval" / f"{name}.json").write_text(json.dumps({"pass_at_1": p, "n_tasks": N_TASKS}))
     # How the variants were made: the compressed checkpoint's config and report (as reamkit compress writes them).
     model = run_dir / "models" / "demo-ream-12e"
     (model / "compression").mkdir(parents=True)
@@ -103,7 +107,8 @@ def test_missing_measurements_show_as_na(run, tmp_path):
 
 
 def _card_table(text: str) -> dict[str, dict[str, str]]:
-    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    quants = text.split("## Provided Quants", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in quants.splitlines() if ln.startswith("| ")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = {}
     for ln in lines[1:]:
@@ -124,7 +129,11 @@ def test_card_numbers_are_the_measured_ones(run):
         for col, key, rel in (("Size/GB", "size_gb", 5e-3), ("bits/weight", "bpw", 5e-3), ("KLD", "kld_mean", 1e-3),
                               ("same top-1 %", "top1_pct", 1e-3), ("pass@1", "pass_at_1", 1e-3),
                               ("pp t/s", "pp_tps", 5e-3), ("tg t/s", "tg_tps", 5e-3)):
-            assert float(cells[col]) == pytest.approx(r[key], rel=rel, abs=1e-9), (t, col)
+            assert float(cells[col].split()[0]) == pytest.approx(r[key], rel=rel, abs=1e-9), (t, col)
+            if key in ("kld_mean", "top1_pct", "pp_tps", "tg_tps"):           # each figure with its error
+                assert cells[col].split()[1:3] == ["±", sig(r[f"{key}_se"])], (t, col)
+        passed = round(r["pass_at_1"] * N_TASKS)
+        assert f"({passed}/{N_TASKS}, 95% " in cells["pass@1"]
         assert cells["Notes"] == ", ".join(r["notes"])
     assert "# Demo-Coder-REAM GGUF" in text and "| Link | Method | Type | Size/GB |" in text
     assert "REAM, 16 -> 12 routed experts per layer, calibration code=0.7,math=0.3, 8 x 64 tokens" in text
@@ -250,3 +259,183 @@ def test_a_tie_everywhere_crowns_nobody():
     notes = derive_notes(rows)
     assert not any("best pass@1" in n for n in notes.values())
     assert "smallest" in notes["m.Q2_K"]
+
+
+# --- uncertainty: errors on every figure, paired differences, notes that do not outrun their errors ----------
+
+@pytest.fixture(scope="module")
+def paired(run, tmp_path_factory) -> Path:
+    """The finished run plus a second Q2_K made another way (``--pure``: every tensor Q2_K), standing in for a
+    REAP file of the same type: scored on the same chunks against the same reference."""
+    ladder = tiny_ladder(tmp_path_factory.getbasetemp() / "report-ladder")
+    folder = tmp_path_factory.mktemp("paired-run")
+    shutil.copytree(run, folder, dirs_exist_ok=True)
+    other = ladder["F16"].parent / "demo-reap.Q2_K.gguf"
+    if not other.is_file():
+        find_toolchain().run("llama-quantize", ["--pure", ladder["F16"], other, "Q2_K", "2"])
+    evaluate_fidelity([other], ladder["F16"], folder, FIDELITY)
+    (folder / "humaneval" / "demo-reap.Q2_K.json").write_text(json.dumps({"pass_at_1": 0.19, "n_tasks": N_TASKS}))
+    variants = json.loads((folder / "variants.json").read_text())
+    variants["demo-reap.Q2_K"] = {"path": str(other), "model": "demo-reap", "method": "reap", "experts": 12,
+                                  "type": "Q2_K"}
+    write_variants(folder, variants)
+    return folder
+
+
+def test_compare_json_carries_errors_and_paired_differences(paired, figure):
+    compare(paired, plots=False)
+    data = json.loads((paired / "report" / "compare.json").read_text())
+    for r in data["rows"]:
+        for key in ("kld_mean", "kld_p99", "top1_pct", "pass_at_1"):
+            assert r[key] is not None and r[f"{key}_se"] is not None and r[f"{key}_se"] >= 0, (r["variant"], key)
+        lo, hi = r["pass_at_1_ci95"]
+        assert lo <= r["pass_at_1"] <= hi and r["humaneval_tasks"] == N_TASKS
+        assert not any(k.startswith("_") for k in r)                 # per-chunk values stay in fidelity/
+    q2 = next(r for r in data["rows"] if r["variant"] == "demo.Q2_K")
+    assert q2["kld_mean_se"] > 0 and q2["kld_p99_se"] > 0
+    diff = next(d for d in data["differences"] if d["type"] == "Q2_K")
+    assert (diff["a"], diff["b"], diff["label"]) == ("demo.Q2_K", "demo-reap.Q2_K", "ream - reap")
+    rows = {r["variant"]: r for r in data["rows"]}
+    k = diff["kld_mean"]
+    assert k["diff"] == pytest.approx(rows["demo.Q2_K"]["kld_mean"] - rows["demo-reap.Q2_K"]["kld_mean"])
+    # the paired error, recomputed by hand from the per-chunk values the fidelity stage kept
+    import statistics
+
+    per_set = []
+    for s in data["sets"]:
+        a = json.loads((paired / "fidelity" / "demo.Q2_K.json").read_text())["sets"][s]["chunks"]["kld"]
+        b = json.loads((paired / "fidelity" / "demo-reap.Q2_K.json").read_text())["sets"][s]["chunks"]["kld"]
+        assert len(a) == len(b) == 5
+        per_set.append(statistics.variance([x - y for x, y in zip(a, b)]) / len(a))
+    assert k["paired"] and k["se"] == pytest.approx(sum(per_set) ** 0.5 / len(per_set))
+    assert k["verdict"] == ("tie" if abs(k["diff"]) <= Z * k["se"] else "a better" if k["diff"] < 0 else "b better")
+    assert diff["pass_at_1"]["se"] > 0 and diff["pass_at_1"]["verdict"] == "tie"     # 0.20 vs 0.19 of 100
+    unpaired = (rows["demo.Q2_K"]["kld_mean_se"] ** 2 + rows["demo-reap.Q2_K"]["kld_mean_se"] ** 2) ** 0.5
+    figure(f"demo Q2_K vs --pure Q2_K: KLD difference {k['diff']:+.4f} ± {k['se']:.4f} (paired, {k['verdict']}); "
+           f"unpaired ± {unpaired:.4f}")
+
+
+def _chunked(name, method, size, base, noise, seed, experts=None):
+    """A row as compare builds it, with per-chunk KLDs: ``base`` per chunk plus its own noise."""
+    import random
+    import statistics
+
+    rnd = random.Random(seed)
+    chunks = [b + rnd.gauss(0, noise) for b in base]
+    mean = statistics.fmean(chunks)
+    se = statistics.stdev(chunks) / len(chunks) ** 0.5
+    return {"variant": name, "method": method, "type": name.rsplit(".", 1)[-1], "experts": experts,
+            "size_gb": size, "kld_mean": mean, "kld_mean_se": se, "tg_tps": None, "pp_tps": None,
+            "pass_at_1": 0.0, "pass_at_1_se": 0.09, "_chunks": {"code": {"kld": chunks}}}
+
+
+def test_a_difference_within_its_error_ranks_nobody():
+    """REAM and REAP files of one size whose KLDs differ by less than the error of their difference: no note puts
+    one above the other, and the card's answer says it cannot tell."""
+    base = [0.05 + 0.04 * (i % 3) for i in range(12)]          # chunks of varying difficulty, shared by both
+    ream = _chunked("m-ream.Q4_K_M", "ream", 3.00, base, 0.01, 1, 96)
+    reap = _chunked("m-reap.Q4_K_M", "reap", 3.01, base, 0.01, 2, 96)
+    plain = _chunked("m.Q3_K_M", "none", 3.05, base, 0.01, 3, 128)
+    big = _chunked("m.Q8_0", "none", 8.0, [0.001] * 12, 0.0002, 4, 128)
+    rows = [ream, reap, plain, big]
+    from reamkit.report.evidence import difference
+
+    d = difference(ream, reap, "kld_mean")
+    assert d["diff"] != 0 and abs(d["diff"]) < Z * d["se"] and d["verdict"] == "tie"        # the premise
+    notes = derive_notes(rows)
+    ranked = {"best KLD", "best KLD drop per GB (vs Q4_K_M)", "recommended", "Pareto"}
+    assert set(notes[ream["variant"]]) & ranked == set(notes[reap["variant"]]) & ranked == {"Pareto"}, notes
+    assert "Pareto" not in notes["m.Q3_K_M"]           # larger beyond the size tie and not credibly better
+    assert "best KLD" in notes["m.Q8_0"] and not any("best KLD" == n for r in rows[:3] for n in notes[r["variant"]])
+    assert not any("pass@1" in n for ns in notes.values() for n in ns)          # all 0.0: nobody is best
+    from reamkit.report.answer import class_answer
+
+    ans = class_answer([ream, reap, plain])
+    assert ans["verdict"] == "cannot tell" and ans["tied"]
+    worse = _chunked("m.Q3_K_S", "none", 2.9, [2 * b for b in base], 0.01, 5, 128)       # twice the KLD
+    ans = class_answer([ream, reap, worse])
+    assert ans["verdict"] == "drop experts" and ans["diff"]["diff"] < -Z * ans["diff"]["se"]
+
+
+_NOTE = re.compile(r"^(tied )?(best KLD|smallest|fastest tg|fastest pp|best pass@1)$")
+
+
+def _value_and_se(cell: str) -> tuple[float, float | None]:
+    parts = cell.split()
+    return float(parts[0]), (float(parts[2]) if len(parts) > 2 and parts[1] == "±" else None)
+
+
+def test_no_note_in_the_card_contradicts_its_error_bars(paired):
+    """Read the produced card: every note checked against the table's own figures and error bars."""
+    text = write_card(paired, model_name="Demo").read_text()
+    quants = text.split("## Provided Quants", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in quants.splitlines() if ln.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    table = [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[1:]]
+    assert len(table) == 4
+
+    def fig(row, col):
+        return _value_and_se(row[col]) if row.get(col, "n/a") != "n/a" else (None, None)
+
+    def credibly(a, b, col, lower):         # a credibly better than b, judged by the bars shown
+        (va, sa), (vb, sb) = fig(a, col), fig(b, col)
+        if va is None or vb is None:
+            return False
+        gap = (vb - va) if lower else (va - vb)
+        return gap > Z * ((sa or 0) ** 2 + (sb or 0) ** 2) ** 0.5 * 0.95      # 2-digit rounding of the bars
+
+    cols = {"best KLD": ("KLD", True), "fastest tg": ("tg t/s", False), "fastest pp": ("pp t/s", False),
+            "smallest": ("Size/GB", True)}
+    checked = 0
+    for row in table:
+        for note in filter(None, (n.strip() for n in row["Notes"].split(","))):
+            m = _NOTE.match(note)
+            if m and m.group(2) in cols:
+                col, lower = cols[m.group(2)]
+                assert col in row and "busy" not in row[col], (note, row)
+                others = [o for o in table if o is not row and fig(o, col)[0] is not None]
+                if m.group(1):          # tied best: not credibly behind anyone
+                    assert not any(credibly(o, row, col, lower) for o in others), (note, row)
+                else:                   # best: credibly ahead of everyone
+                    assert all(credibly(row, o, col, lower) or col == "Size/GB" for o in others), (note, row)
+                    assert all((fig(row, col)[0] <= fig(o, col)[0]) == lower or fig(row, col)[0] == fig(o, col)[0]
+                               for o in others), (note, row)
+                checked += 1
+            elif note == "Pareto":      # nobody smaller is credibly better or tied in KLD
+                size = fig(row, "Size/GB")[0]
+                assert not any(fig(o, "Size/GB")[0] < size * 0.99 and not credibly(row, o, "KLD", True)
+                               for o in table if o is not row), (note, row)
+                checked += 1
+            elif note.startswith("recommended"):
+                best = min(table, key=lambda o: fig(o, "KLD")[0])
+                v, se = fig(row, "KLD")
+                bv, bse = fig(best, "KLD")
+                assert v - bv + (Z * ((se or 0) ** 2 + (bse or 0) ** 2) ** 0.5 if row is not best else 0) \
+                    <= RECOMMEND_KLD_MARGIN * 1.01, (note, row)
+                checked += 1
+    assert checked >= 4
+    # the answer at the top: each verdict agrees with the difference and error it shows
+    answer = text.split("## The answer", 1)[1].split("## About", 1)[0]
+    assert "drop experts or quantize harder?" in answer
+    for ln in answer.splitlines()[1:]:
+        if not ln.startswith("| ") or "Answer" in ln:
+            continue
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        if cells[-1] in ("drop experts", "quantize harder", "cannot tell"):
+            diff, se = _value_and_se(cells[-2])
+            beyond = abs(diff) > Z * se * 0.95
+            assert cells[-1] == "cannot tell" or beyond, ln
+            assert cells[-1] != "cannot tell" or abs(diff) <= Z * se * 1.05, ln
+            assert cells[-1] != "drop experts" or diff < 0, ln
+
+
+def test_a_column_that_tells_nobody_apart_is_one_line(run, tmp_path):
+    """Every pass@1 0/10: the card says so in one line, not a column of zeros."""
+    folder = tmp_path / "zeros"
+    shutil.copytree(run, folder)
+    for f in (folder / "humaneval").glob("*.json"):
+        f.write_text(json.dumps({"pass_at_1": 0.0, "n_tasks": 10}))
+    text = write_card(folder).read_text()
+    assert "pass@1" not in _card_table(text)["Q2_K"]
+    line = next(ln for ln in text.splitlines() if ln.startswith("- pass@1:"))
+    assert "0.000 for every variant (0/10 each)" in line and "cannot tell the variants apart" in line

@@ -477,7 +477,7 @@ def status(run_dir: Annotated[Path, typer.Argument(help="run folder")]) -> None:
 def speed(
     variants: Annotated[list[Path], typer.Argument(help="GGUF variants to benchmark")],
     output: Annotated[Path, typer.Option("-o", "--output", help="run folder (results in speed/)")] = Path("reamkit-eval"),
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all)")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: the cores other processes leave free)")] = None,
     prompt: Annotated[int, typer.Option(help="prompt tokens of the pp test")] = 512,
     gen: Annotated[int, typer.Option(help="generated tokens of the tg test")] = 128,
     repetitions: Annotated[int, typer.Option(help="runs of each test")] = 5,
@@ -490,9 +490,14 @@ def speed(
     for v in variants:
         with err.status(f"benchmarking {v.name}"):
             r = measure_speed(v, output, opts)
-        out.print(f"{r.variant}: pp{opts.prompt} {r.pp_tps:.1f} t/s, tg{opts.gen} {r.tg_tps:.1f} t/s "
-                  f"({r.bandwidth_share:.0%} of the {r.bound_tps:.0f} t/s bandwidth bound at "
-                  f"{r.bandwidth_gbps:.1f} GB/s), load {r.load_s:.2f} s, peak {r.peak_rss_bytes / 1e9:.2f} GB, "
+        share = (f"{r.bandwidth_share:.0%} of the {r.bound_tps:.0f} t/s bandwidth bound at {r.bandwidth_gbps:.1f} GB/s"
+                 if r.bandwidth_share is not None else
+                 f"share of the bandwidth bound n/a: {r.bytes_per_token / 1e6:.2f} MB per token fits in the "
+                 f"{(r.llc_bytes or 0) / 2**20:.0f} MiB last-level cache")
+        out.print(f"{r.variant}: pp{opts.prompt} {r.pp_tps:.1f} ± {r.pp_tps_se:.1f} t/s, tg{opts.gen} {r.tg_tps:.1f} "
+                  f"± {r.tg_tps_se:.1f} t/s (median of {r.tg_samples}, spread {r.tg_spread or 0:.0%}"
+                  f"{'; busy machine: other processes took the cores' if r.busy else ''}; {share}), "
+                  f"load {r.load_s:.2f} s, peak {r.peak_rss_bytes / 1e9:.2f} GB, "
                   f"{r.threads} threads{' (up to date)' if r.skipped else ''}", highlight=False, soft_wrap=True)
     out.print(f"results: {output / 'speed'}", highlight=False, soft_wrap=True)
 

@@ -5,7 +5,8 @@ The pinned ``llama-perplexity`` does the work: one run over the reference stores
 (``--kl-divergence-base``, about ``4 * V / 2`` bytes per scored token), then each variant is scored against that
 file (``--kl-divergence``) on exactly the same tokens. Only the second half of each ``ctx`` window is scored
 (``ctx / 2 - 1`` tokens), so ``tokens`` scored tokens take ``tokens / (ctx / 2 - 1)`` chunks. The reference file is computed once per reference,
-text and settings, and kept within a disk budget.
+text and settings, and kept within a disk budget. Each figure carries its standard error over the evaluation
+chunks, and each chunk's own KLD and same-top-1 are kept for paired comparisons (:mod:`.stats`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..errors import ReamkitError
 from ..fsutil import atomic_file, write_json
 from ..manifest import Manifest, manifest_path_for, read_manifest, stage_key, write_manifest
 from ..quantization.runner import run_tool
+from .stats import kld_uncertainty, sig
 
 SETS = ("code", "math")
 MIN_TOKENS = 100                  # llama-perplexity prints no KLD statistics below 100 scored tokens
@@ -229,8 +231,10 @@ def evaluate_fidelity(variants: list[Path], reference: Path, run_dir: Path, opts
             if progress:
                 progress(f"{res.variant}: {name}")
             args = ["-m", p, "--kl-divergence-base", kld, "--kl-divergence", *_threads(opts)]
-            figures = parse_kld_output(_perplexity(args, lambda t: "Same top p:" in t))
-            res.sets[name] = {**figures, "tokens": base["tokens"], "ctx": opts.ctx}
+            log = _perplexity(args, lambda t: "Same top p:" in t)
+            figures = parse_kld_output(log)
+            res.sets[name] = {**figures, **kld_uncertainty(log, figures, base["tokens"]), "tokens": base["tokens"],
+                              "ctx": opts.ctx}
         write_json(out_dir / f"{res.variant}.json", {
             **res.as_dict(), "reference": str(reference), "reference_fingerprint": ref_fp,
             "variant_fingerprint": gguf_fingerprint(p), "bytes": p.stat().st_size})
@@ -259,7 +263,7 @@ def _scored_tokens(text: str, ctx: int) -> int:
 
 
 def fidelity_table(results: list[Fidelity]):
-    """A rich table: one row per variant and set."""
+    """A rich table: one row per variant and set, each figure with its standard error."""
     from rich.table import Table
 
     def num(v, fmt):
@@ -270,7 +274,9 @@ def fidelity_table(results: list[Fidelity]):
         t.add_column(col, justify="left" if col in ("variant", "set") else "right", no_wrap=True)
     for r in results:
         for name, s in r.sets.items():
-            t.add_row(r.variant, name, str(s["tokens"]), num(s.get("kld_mean"), ".5f"), num(s.get("kld_p99"), ".5f"),
-                      num(s.get("same_top1_pct"), ".2f"),
+            t.add_row(r.variant, name, str(s["tokens"]),
+                      f"{num(s.get('kld_mean'), '.5f')} ± {sig(s.get('kld_mean_se'))}",
+                      f"{num(s.get('kld_p99'), '.5f')} ± {sig(s.get('kld_p99_se'))}",
+                      f"{num(s.get('same_top1_pct'), '.2f')} ± {sig(s.get('same_top1_pct_se'))}",
                       f"{num(s.get('ppl'), '.3f')} ± {num(s.get('ppl_err'), '.3f')}")
     return t

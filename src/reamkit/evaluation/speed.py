@@ -1,5 +1,7 @@
 """Speed of a GGUF variant on this machine: prompt processing and generation tokens/s from the pinned
-``llama-bench``, load time, peak memory, and generation speed as a share of the memory-bandwidth bound.
+``llama-bench`` (median and spread of repeated batches, marked ``busy`` when other processes took the cores it
+needed: see :mod:`.llamabench`), load time, peak memory, and generation speed as a share of the
+memory-bandwidth bound. Threads default to the cores other processes leave free.
 
 Decoding is memory-bound: each generated token reads every weight a token passes through once, so
 ``tok/s <= bandwidth / bytes read per token``. For a MoE that is the non-expert weights (attention, linear
@@ -8,6 +10,8 @@ n_expert`` of each routed-expert tensor; the sizes come from the GGUF's own tens
 count from its metadata. KV-cache and recurrent-state reads are left out (llama-bench's ``tg`` starts at depth
 0, where they are a small part). The bandwidth is measured once per run folder and thread count with a large
 multi-threaded numpy copy (STREAM convention: read + write bytes), and cached in ``speed/bandwidth.json``.
+Where a token's bytes fit in the last-level cache the weights need not come from memory at all, and the share
+is "n/a" (``None``).
 
 Output: ``RUN_DIR/speed/<variant>.json`` (variant = file name without ``.gguf``) with a manifest beside it; the
 same GGUF with the same options is skipped on a rerun.
@@ -16,20 +20,18 @@ same GGUF with the same options is skipped on a rerun.
 from __future__ import annotations
 
 import json
-import os
 import platform
-import subprocess
-import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import ReamkitError, ToolchainError
+from ..errors import ReamkitError
 from ..fsutil import write_json
 from ..manifest import Manifest, manifest_path_for, read_manifest, stage_key, write_manifest
-from ..toolchain import cpu_fingerprint, find_toolchain, last_error_line, repack_args, repack_decision, repack_env
+from ..toolchain import cpu_fingerprint, find_toolchain, repack_decision
+from .cpuload import free_cores, last_level_cache_bytes
 from .fidelity import gguf_fingerprint
+from .llamabench import sample
 
 BANDWIDTH_BYTES = 256 * 2**20      # per array; well above any CPU cache
 BANDWIDTH_REPEATS = 5              # best of
@@ -39,16 +41,18 @@ BANDWIDTH_REPEATS = 5              # best of
 class SpeedOptions:
     prompt: int = 512              # prompt tokens: llama-bench pp<N>
     gen: int = 128                 # generated tokens: llama-bench tg<N>
-    repetitions: int = 5           # llama-bench -r
-    threads: int | None = None     # default: every core
+    repetitions: int = 5           # llama-bench -r, per batch (see .llamabench)
+    threads: int | None = None     # default: the cores other processes leave free
+    busy_retries: int = 1          # batches retried when other processes took the cores we need
+    busy_wait_s: float = 10.0      # wait before a retry (times the retry number)
 
 
 @dataclass
 class SpeedResult:
     variant: str
     path: Path
-    pp_tps: float
-    pp_tps_sd: float
+    pp_tps: float                  # median of the samples
+    pp_tps_sd: float               # robust sd of the samples (1.4826 x MAD)
     tg_tps: float
     tg_tps_sd: float
     load_s: float                  # model load + context creation (page cache warm)
@@ -58,13 +62,22 @@ class SpeedResult:
     bandwidth_gbps: float          # measured here, GB/s (1e9)
     bytes_per_token: int           # weights read per generated token
     bound_tps: float               # bandwidth / bytes_per_token
-    bandwidth_share: float         # tg_tps / bound_tps
+    bandwidth_share: float | None  # tg_tps / bound_tps; None when a token's bytes fit in the last-level cache
     n_params: int
     file_bytes: int
     llama_cpp_commit: str
     repack: bool
     options: dict = field(default_factory=dict)
     breakdown: dict = field(default_factory=dict)
+    pp_tps_se: float = 0.0         # standard error of the median
+    tg_tps_se: float = 0.0
+    pp_spread: float | None = None  # robust sd / median
+    tg_spread: float | None = None
+    pp_samples: int = 0
+    tg_samples: int = 0
+    busy: bool = False             # no batch ran while the cores were free: figures measured on a busy machine
+    llc_bytes: int | None = None
+    batches: list = field(default_factory=list)
     skipped: bool = False
 
     def as_dict(self) -> dict:
@@ -150,72 +163,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_bench(gguf: Path, opts: SpeedOptions, threads: int) -> tuple[list[dict], float, int]:
-    """Run llama-bench once (``-o json --progress``); returns (rows, load seconds, peak RSS bytes).
-
-    Load time: from llama-bench's "benchmark 1/N: starting" progress line (printed just before it loads the
-    model) to the next one (printed once the model and its context are ready). Peak RSS: the child's own
-    high-water mark (``VmHWM``), polled until it exits; ``ru_maxrss`` cannot serve, because Linux carries the
-    parent's RSS at fork time into it."""
-    tool = find_toolchain().tool("llama-bench")
-    args = ["-m", gguf, "-p", opts.prompt, "-n", opts.gen, "-r", opts.repetitions, "-t", threads,
-            "-o", "json", "--progress"]
-    args += repack_args("llama-bench", args)
-    stamps: list[tuple[float, str]] = []
-    with tempfile.TemporaryFile(mode="w+") as stdout:
-        proc = subprocess.Popen([str(tool), *map(str, args)], stdout=stdout, stderr=subprocess.PIPE, text=True,
-                                errors="replace", stdin=subprocess.DEVNULL,
-                                env={**os.environ, "LLAMA_LOG_COLORS": "0", **repack_env("llama-bench")})
-
-        def read_err():
-            for line in proc.stderr:
-                stamps.append((time.perf_counter(), line.rstrip("\n")))
-
-        peak = [0]
-        done = threading.Event()
-
-        def poll_rss():
-            status_file = Path(f"/proc/{proc.pid}/status")
-            while not done.wait(0.02):
-                peak[0] = max(peak[0], _vm_hwm(status_file))
-
-        reader = threading.Thread(target=read_err, daemon=True)
-        poller = threading.Thread(target=poll_rss, daemon=True)
-        reader.start()
-        poller.start()
-        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)     # wait for the exit, leave it unreaped
-        done.set()
-        poller.join()
-        _, status = os.waitpid(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        reader.join(timeout=10)
-        stdout.seek(0)
-        text = stdout.read()
-    if proc.returncode != 0:
-        why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
-        raise ToolchainError(f"llama-bench failed on {gguf.name} ({why}): "
-                             f"{last_error_line(chr(10).join(s for _, s in stamps))}")
-    try:
-        rows = json.loads(text)
-    except ValueError:
-        raise ToolchainError(f"llama-bench printed no JSON for {gguf.name}") from None
-    start = next((t for t, s in stamps if "benchmark 1/" in s and "starting" in s), None)
-    ready = next((t for t, s in stamps if start is not None and t > start and "benchmark 1/" in s
-                  and "starting" not in s), None)
-    load_s = (ready - start) if start is not None and ready is not None else float("nan")
-    return rows, load_s, peak[0]
-
-
-def _vm_hwm(status_file: Path) -> int:
-    try:
-        for line in status_file.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 def measure_speed(gguf: Path, run_dir: Path, opts: SpeedOptions | None = None) -> SpeedResult:
     """Benchmark one GGUF; the result lands in ``run_dir/speed/<variant>.json`` (skipped when current)."""
     opts = opts or SpeedOptions()
@@ -224,40 +171,42 @@ def measure_speed(gguf: Path, run_dir: Path, opts: SpeedOptions | None = None) -
         raise ReamkitError(f"no such GGUF file: {gguf}")
     if opts.prompt < 1 or opts.gen < 1 or opts.repetitions < 1:
         raise ReamkitError("prompt tokens, generated tokens and repetitions must each be at least 1")
-    threads = opts.threads or os.cpu_count() or 1
-    if threads < 1:
-        raise ReamkitError(f"--threads {threads} must be at least 1")
+    if opts.threads is not None and opts.threads < 1:
+        raise ReamkitError(f"--threads {opts.threads} must be at least 1")
     act = active_bytes_per_token(gguf)            # also refuses what is not a readable GGUF
     tc = find_toolchain()
     repack = repack_decision().on
     params = {"prompt": opts.prompt, "gen": opts.gen, "repetitions": opts.repetitions,
-              "threads": threads, "llama_cpp_commit": tc.commit, "repack": repack, "cpu": cpu_fingerprint()}
+              "threads": opts.threads or "free", "llama_cpp_commit": tc.commit, "repack": repack,
+              "cpu": cpu_fingerprint()}
     inputs = {"gguf": gguf_fingerprint(gguf)}
     variant = gguf.name.removesuffix(".gguf")
     out = Path(run_dir) / "speed" / f"{variant}.json"
     current = read_manifest(out, folder=False)
     if out.is_file() and current is not None and current.key == stage_key("speed", inputs, params):
         data = json.loads(out.read_text())
-        known = {k: v for k, v in data.items() if k in SpeedResult.__dataclass_fields__}
-        return SpeedResult(**{**known, "path": Path(data["path"]), "skipped": True})
+        if not data.get("busy"):                  # a figure from a busy machine is measured again on a rerun
+            known = {k: v for k, v in data.items() if k in SpeedResult.__dataclass_fields__}
+            return SpeedResult(**{**known, "path": Path(data["path"]), "skipped": True})
 
+    threads = opts.threads or free_cores()
     bandwidth = cached_bandwidth(run_dir, threads)
-    rows, load_s, rss = run_bench(gguf, opts, threads)
-    pp = next((r for r in rows if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0), None)
-    tg = next((r for r in rows if r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0), None)
-    if pp is None or tg is None:
-        raise ToolchainError(f"llama-bench reported no pp/tg rows for {gguf.name}")
+    m, rows = sample(gguf, opts.prompt, opts.gen, opts.repetitions, threads, opts.busy_retries, opts.busy_wait_s)
+    tg = next((r for r in rows if r.get("n_gen", 0) > 0), {})
+    figs = {**m.figures("pp"), **m.figures("tg")}
     bound = bandwidth * 1e9 / act["total"]
+    llc = last_level_cache_bytes()
+    in_cache = llc is not None and act["total"] <= llc
     res = SpeedResult(
-        variant=variant, path=gguf, pp_tps=float(pp["avg_ts"]), pp_tps_sd=float(pp["stddev_ts"]),
-        tg_tps=float(tg["avg_ts"]), tg_tps_sd=float(tg["stddev_ts"]), load_s=load_s, peak_rss_bytes=rss,
+        variant=variant, path=gguf, **figs, load_s=m.load_s, peak_rss_bytes=m.peak_rss,
         threads=int(tg.get("n_threads", threads)), cpu=str(tg.get("cpu_info") or cpu_model()),
         bandwidth_gbps=bandwidth, bytes_per_token=act["total"], bound_tps=bound,
-        bandwidth_share=float(tg["avg_ts"]) / bound, n_params=act["n_params"], file_bytes=gguf.stat().st_size,
-        llama_cpp_commit=tc.commit, repack=repack,
-        options={"prompt": opts.prompt, "gen": opts.gen,
-                 "repetitions": opts.repetitions},
-        breakdown={k: v for k, v in act.items() if k not in ("total", "n_params")})
+        bandwidth_share=None if in_cache else figs["tg_tps"] / bound, n_params=act["n_params"],
+        file_bytes=gguf.stat().st_size, llama_cpp_commit=tc.commit, repack=repack,
+        options={"prompt": opts.prompt, "gen": opts.gen, "repetitions": opts.repetitions,
+                 "threads": opts.threads or "free"},
+        breakdown={k: v for k, v in act.items() if k not in ("total", "n_params")},
+        busy=m.busy, llc_bytes=llc, batches=m.batches)
     write_json(out, {**res.as_dict(), "variant_fingerprint": inputs["gguf"]})
     write_manifest(manifest_path_for(out, folder=False), Manifest.new(
         "speed", inputs=inputs, params=params, info={"path": str(gguf)}, outputs={"file": out.name}))

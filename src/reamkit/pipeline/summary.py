@@ -8,6 +8,7 @@ import json
 from rich.console import Console
 from rich.table import Table
 
+from ..report.compare import with_error
 from .runner import RunResult
 
 
@@ -33,8 +34,8 @@ def print_summary(result: RunResult, out: Console) -> None:
     shown = [r for r in rows if r.get("notes")] or rows[:8]
     for r in shown:
         t.add_row(f"{r.get('method')} ({r.get('experts')}e)" if r.get("experts") else str(r.get("method")),
-                  str(r.get("type")), _fmt(r.get("size_gb"), ".3f"), _fmt(r.get("kld_mean"), ".4f"),
-                  _fmt(r.get("top1_pct"), ".1f"), _fmt(r.get("pass_at_1"), ".3f"), _fmt(r.get("tg_tps"), ".0f"),
+                  str(r.get("type")), _fmt(r.get("size_gb"), ".3f"),
+                  *(with_error(k, r) for k in ("kld_mean", "top1_pct", "pass_at_1", "tg_tps")),
                   ", ".join(r["notes"]) if isinstance(r.get("notes"), list) else str(r.get("notes") or ""))
     out.print(t)
     out.print(f"card: {run_dir / 'report' / 'README.md'}", highlight=False, soft_wrap=True)

@@ -1,7 +1,8 @@
 """``reamkit card``: a model card (``RUN_DIR/report/README.md``) in the style of mradermacher's GGUF cards --
 About, Usage, a ``| Link | Type | Size/GB | ... | Notes |`` table sorted by size -- with measured columns where
 those cards have adjectives ("fast, recommended"). Every number comes from :func:`compare` (the same rows as
-``report/compare.json``, formatted by the same function); nothing is typed in by hand.
+``report/compare.json``, formatted by the same function) with its error; nothing is typed in by hand. It opens
+with the answer (:mod:`.answer`); a column that cannot tell any two variants apart is replaced by one line.
 
 How the model was compressed is read from the compressed checkpoint a variant was made from (``config.json``
 ``merge_args`` and ``compression/report.json``, when ``variants.json`` names it), else from ``run.json``; when
@@ -14,7 +15,10 @@ import json
 from pathlib import Path
 
 from ..fsutil import atomic_file
-from .compare import Comparison, compare, fmt
+from ..evaluation.stats import Z
+from .compare import Comparison, compare, fmt, with_error
+from .answer import answer_lines
+from .evidence import indistinct
 from .runinfo import read_run_info, read_variants
 
 CARD_COLUMNS = (("method", "Method"), ("type", "Type"), ("size_gb", "Size/GB"), ("bpw", "bits/weight"), ("kld_mean", "KLD"),
@@ -109,9 +113,10 @@ def card_markdown(comp: Comparison, *, model_name: str | None = None, repo: str 
     commit = _llama_cpp_commit()
     rows = [r for r in comp.rows if r.get("file")]
     speed = next((r for r in rows if r.get("threads")), None)
+    cols, dropped = card_columns(rows)
     out = ["---", f"base_model: {base}", "library_name: gguf", "tags:", "- gguf", "- reamkit",
            *[f"- {m}" for m in methods], "quantized_by: reamkit", "---", "",
-           f"# {name} GGUF", "", "## About", "",
+           f"# {name} GGUF", "", *answer_lines(comp), "## About", "",
            f"Quantized GGUF variants of **{name}** (base model: {base}), made and measured with reamkit.", "",
            *([str(run["description"]), ""] if run.get("description") else []),
            *_compression_lines(compression_facts(comp.run_dir)),
@@ -121,13 +126,16 @@ def card_markdown(comp: Comparison, *, model_name: str | None = None, repo: str 
            "coding agents with OpenAI and Anthropic endpoints (see below).", "",
            "## Provided Quants", "",
            "(sorted by size; every figure was measured in this run, n/a = not measured; KLD = mean of the "
-           f"held-out {' and '.join(comp.sets) or 'evaluation'} sets' mean KL divergence from the reference)", "",
-           "| Link | " + " | ".join(h for _, h in CARD_COLUMNS) + " | Notes |",
-           "|:-----|:-----|:-----|" + "|".join("--------:" for _ in CARD_COLUMNS[2:]) + "|:------|"]
+           f"held-out {' and '.join(comp.sets) or 'evaluation'} sets' mean KL divergence from the reference; "
+           "± = standard error; pass@1 with passed/n and its 95% interval; busy = measured while other processes "
+           "took the cores)", "",
+           "| Link | " + " | ".join(h for _, h in cols) + " | Notes |",
+           "|:-----|:-----|:-----|" + "|".join("--------:" for _ in cols[2:]) + "|:------|"]
     for r in rows:
         link = f"https://huggingface.co/{repo}/resolve/main/{r['file']}" if repo else r["file"]
-        cells = [fmt(k, r.get(k)) for k, _ in CARD_COLUMNS]
+        cells = [fmt(k, r.get(k)) if k in ("method", "type", "size_gb", "bpw") else with_error(k, r) for k, _ in cols]
         out.append(f"| [GGUF]({link}) | " + " | ".join(cells) + f" | {', '.join(r['notes'])} |")
+    out += dropped
     out += ["", "## How to run each file", ""]
     for r in rows:
         out += [f"**{r['type']}** (`{r['file']}`):", "", "```bash", f"reamkit serve {r['file']}",
@@ -139,10 +147,38 @@ def card_markdown(comp: Comparison, *, model_name: str | None = None, repo: str 
             else "- pass@1: not measured in this run.",
             (f"- Speed: `reamkit speed` (llama-bench, {speed['threads']} threads on {speed['cpu']}); tokens/s depend "
              "on the machine." if speed else "- Speed: not measured in this run."),
-            "- Notes are derived from the numbers: Pareto = no other file is both smaller and closer to the "
-            "reference; recommended = the smallest Pareto file within the run's KLD and pass@1 margins "
-            "(see `report/compare.md`).", ""]
+            f"- Notes are derived from the numbers and their errors: a note ranks two files only where they differ "
+            f"by more than {Z:g} standard errors (paired on the same chunks and tasks), and ties are named as ties. "
+            "Pareto = no other file is smaller without being credibly worse; recommended = the smallest Pareto file "
+            "credibly within the run's KLD margin and not credibly below its pass@1 margin (see "
+            "`report/compare.md`).", ""]
     return "\n".join(out)
+
+
+def card_columns(rows: list[dict]) -> tuple[list[tuple[str, str]], list[str]]:
+    """The table's columns, and one line for each measured column that cannot tell any two variants apart."""
+    cols, lines = [], []
+    for key, head in CARD_COLUMNS:
+        have = [r for r in rows if r.get(key) is not None]
+        if key in ("pass_at_1", "top1_pct", "pp_tps", "tg_tps") and len(have) >= 2 and indistinct(have, key):
+            lines.append(_indistinct_line(key, head, have))
+            continue
+        cols.append((key, head))
+    return cols, ([""] + lines if lines else [])
+
+
+def _indistinct_line(key: str, head: str, rows: list[dict]) -> str:
+    values = sorted({fmt(key, r[key]) for r in rows})
+    span = values[0] if len(values) == 1 else f"{values[0]} to {values[-1]}"
+    if key == "pass_at_1":
+        ns = sorted({r.get("humaneval_tasks") for r in rows if r.get("humaneval_tasks")})
+        passed = sorted({r.get("pass_at_1_passed") for r in rows if r.get("pass_at_1_passed") is not None})
+        count = (f" ({passed[0]}/{ns[0]} each)" if len(passed) == 1 and len(ns) == 1 else
+                 f" (n = {', '.join(map(str, ns))})" if ns else "")
+        where = f"{span} for every variant" if len(values) == 1 else f"{span} across the variants"
+        return (f"- {head}: {where}{count}; this measurement cannot tell the variants apart (no two differ by more "
+                f"than {Z:g} standard errors), so it is not a column.")
+    return (f"- {head}: {span}; no two variants differ by more than {Z:g} standard errors, so it is not a column.")
 
 
 def write_card(run_dir: Path, *, model_name: str | None = None, repo: str | None = None) -> Path:

@@ -6,16 +6,11 @@ top-1 %, perplexity per held-out set, HumanEval pass@1, prompt and generation to
 of each evaluated set's mean KLD (code and math by default), so code and math weigh the same whatever their
 token counts; top-1 % likewise. A measurement that is not in the run folder is "n/a", never estimated.
 
-The notes come from these numbers only (:func:`derive_notes`):
-
-* ``Pareto``: no other variant is both at most as large and at most as far from the reference (KLD);
-* ``best KLD`` / ``smallest`` / ``fastest tg`` / ``fastest pp`` / ``best pass@1``: the extremes of a column
-  (only when at least two variants have it and they differ);
-* ``best KLD drop per GB``: the Pareto step that buys the most fidelity per added gigabyte, against the next
-  smaller Pareto variant;
-* ``recommended``: the smallest Pareto variant whose KLD is within :data:`RECOMMEND_KLD_MARGIN` of the lowest
-  KLD in the run and, where pass@1 was measured for it and for the best variant, within
-  :data:`RECOMMEND_PASS_MARGIN` of the best pass@1.
+Every KLD, top-1 and pass@1 figure carries its standard error (``*_se``; pass@1 also its 95% Wilson interval
+and n), speeds their error and a ``speed_busy`` mark; ``differences`` in ``compare.json`` holds, per type, the
+paired difference between variants made by different methods (REAM - REAP, REAM - uncompressed, ...) on the
+same chunks and tasks (:mod:`.evidence`). The notes come from these numbers and their errors only
+(:mod:`.notes`): nothing is ranked on a difference smaller than its error.
 """
 
 from __future__ import annotations
@@ -28,10 +23,13 @@ from pathlib import Path
 
 from ..errors import ReamkitError
 from ..fsutil import atomic_file, write_json
+from ..evaluation.stats import Z, sig
+from .evidence import error_fields, private_fields, same_type_differences
+from .notes import RECOMMEND_KLD_MARGIN, RECOMMEND_PASS_MARGIN, derive_notes, pareto
 from .runinfo import VariantRecord, collect, gguf_facts, type_from_name
 
-RECOMMEND_KLD_MARGIN = 0.05      # nats of mean KLD above the run's best
-RECOMMEND_PASS_MARGIN = 0.05     # pass@1 (a fraction) below the run's best
+__all__ = ["RECOMMEND_KLD_MARGIN", "RECOMMEND_PASS_MARGIN", "Comparison", "compare", "comparison_rows",
+           "derive_notes", "fmt", "pareto"]
 NA = "n/a"
 
 
@@ -41,6 +39,7 @@ class Comparison:
     rows: list[dict]                       # one per variant, sorted by size; see ROW_KEYS
     sets: list[str]                        # held-out sets in the fidelity results (code, math)
     files: dict[str, Path] = field(default_factory=dict)
+    differences: list[dict] = field(default_factory=list)     # same type, different method: paired a - b
 
     def row(self, variant: str) -> dict:
         return next(r for r in self.rows if r["variant"] == variant)
@@ -80,64 +79,14 @@ def build_row(rec: VariantRecord) -> dict:
     for name, s in sets.items():
         row[f"kld_{name}"] = s.get("kld_mean")
         row[f"ppl_{name}"] = s.get("ppl")
+    row.update(error_fields(fid, he, sp))
+    row.update(private_fields(fid, he))
     return row
 
 
-def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
-    """Names of the points no other point dominates (both coordinates lower is better), sorted by the first."""
-    front = [n for n, (x, y) in points.items()
-             if not any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for m, (x2, y2) in points.items() if m != n)]
-    return sorted(front, key=lambda n: points[n])
-
-
-def derive_notes(rows: list[dict]) -> dict[str, list[str]]:
-    """The notes column, from the numbers alone (rules in the module docstring)."""
-    notes: dict[str, list[str]] = {r["variant"]: [] for r in rows}
-
-    def have(key):
-        return [r for r in rows if r.get(key) is not None]
-
-    pts = {r["variant"]: (r["size_gb"], r["kld_mean"]) for r in rows if r.get("size_gb") and r.get("kld_mean") is not None}
-    front = pareto(pts) if len(pts) >= 2 else []
-    for n in front:
-        notes[n].append("Pareto")
-    gains = [((pts[a][1] - pts[b][1]) / (pts[b][0] - pts[a][0]), b, a) for a, b in zip(front, front[1:])
-             if pts[b][0] > pts[a][0]]
-    if gains and max(gains)[0] > 0:
-        _, best_step, prev = max(gains)
-        notes[best_step].append(f"best KLD drop per GB (vs {_short(prev)})")
-    for key, label, lowest in (("kld_mean", "best KLD", True), ("size_gb", "smallest", True),
-                               ("tg_tps", "fastest tg", False), ("pp_tps", "fastest pp", False),
-                               ("pass_at_1", "best pass@1", False)):
-        rs = have(key)
-        if len(rs) >= 2 and len({r[key] for r in rs}) > 1:      # a tie everywhere (all pass@1 0) crowns nobody
-            pick = (min if lowest else max)(rs, key=lambda r: r[key])
-            notes[pick["variant"]].append(label)
-    rec = recommended(rows, front)
-    if rec:
-        notes[rec].append("recommended")
-    return notes
-
-
-def recommended(rows: list[dict], front: list[str]) -> str | None:
-    if not front:
-        return None
-    by = {r["variant"]: r for r in rows}
-    best_kld = min(r["kld_mean"] for r in rows if r.get("kld_mean") is not None)
-    passes = [r["pass_at_1"] for r in rows if r.get("pass_at_1") is not None]
-    best_pass = max(passes) if passes else None
-    for n in front:                                   # smallest first
-        r = by[n]
-        if r["kld_mean"] > best_kld + RECOMMEND_KLD_MARGIN:
-            continue
-        if best_pass is not None and r.get("pass_at_1") is not None and r["pass_at_1"] < best_pass - RECOMMEND_PASS_MARGIN:
-            continue
-        return n
-    return None
-
-
-def _short(variant: str) -> str:
-    return type_from_name(variant) or variant
+def public(row: dict) -> dict:
+    """A row as written to compare.json (the per-chunk and per-task values stay in the stages' own files)."""
+    return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
 def comparison_rows(run_dir: Path) -> Comparison:
@@ -149,7 +98,8 @@ def comparison_rows(run_dir: Path) -> Comparison:
     notes = derive_notes(rows)
     for r in rows:
         r["notes"] = notes[r["variant"]]
-    return Comparison(run_dir=run_dir, rows=rows, sets=sorted({s for r in rows for s in r["kld_sets"]}))
+    return Comparison(run_dir=run_dir, rows=rows, sets=sorted({s for r in rows for s in r["kld_sets"]}),
+                      differences=same_type_differences(rows))
 
 
 def compare(run_dir: Path, *, plots: bool = True) -> Comparison:
@@ -158,9 +108,12 @@ def compare(run_dir: Path, *, plots: bool = True) -> Comparison:
     rows, sets = comp.rows, comp.sets
     out = comp.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "compare.json", {"rows": rows, "sets": sets, "kld_mean": "mean over sets of each set's mean KLD",
-                                      "rules": {"recommend_kld_margin": RECOMMEND_KLD_MARGIN,
-                                                "recommend_pass_margin": RECOMMEND_PASS_MARGIN}})
+    write_json(out / "compare.json", {
+        "rows": [public(r) for r in rows], "sets": sets, "differences": comp.differences,
+        "kld_mean": "mean over sets of each set's mean KLD", "se": "standard error; *_se over evaluation chunks "
+        "(pass@1: binomial, with its 95% Wilson interval)",
+        "rules": {"recommend_kld_margin": RECOMMEND_KLD_MARGIN, "recommend_pass_margin": RECOMMEND_PASS_MARGIN,
+                  "differs_beyond_standard_errors": Z}})
     with atomic_file(out / "compare.csv") as tmp:
         tmp.write_text(to_csv(comp))
     with atomic_file(out / "compare.md") as tmp:
@@ -192,37 +145,87 @@ def fmt(key: str, v) -> str:
     return str(v)
 
 
+def text(key: str, r: dict) -> str:
+    """A table cell of row ``r``: ``fmt`` of the value, with its error written in the columns made for it."""
+    if key == "notes":
+        return ", ".join(r["notes"])
+    if key.endswith("_se") and r.get(key.removesuffix("_se")) is not None:
+        cell = f"± {sig(r.get(key))}"
+        busy = key in ("tg_tps_se", "pp_tps_se") and r.get("speed_busy")
+        return cell + (" busy" if busy else "")
+    if key == "pass_at_1_ci95":
+        ci, n = r.get(key), r.get("humaneval_tasks")
+        return NA if not ci else f"{r.get('pass_at_1_passed')}/{n}, 95% {ci[0]:.2f}-{ci[1]:.2f}"
+    return fmt(key, r.get(key))
+
+
+def with_error(key: str, r: dict) -> str:
+    """One cell holding a value and its error (the card): ``0.01234 ± 0.0021``, ``0.400 (40/100, 95% 0.31-0.50)``,
+    ``112 ± 3.1 busy``."""
+    v = fmt(key, r.get(key))
+    if r.get(key) is None:
+        return v
+    if key == "pass_at_1":
+        return f"{v} ({text('pass_at_1_ci95', r)})" if r.get("pass_at_1_ci95") else v
+    if f"{key}_se" in r:
+        return f"{v} {text(key + '_se', r)}"
+    return v
+
+
 def columns(comp: Comparison) -> list[tuple[str, str]]:
-    """(key, header) of the table, per-set perplexities included."""
+    """(key, header) of the table, per-set perplexities included; each measured figure followed by its error."""
     label = " + ".join(comp.sets) if comp.sets else "no sets"
     return ([("variant", "Variant"), ("method", "Method"), ("type", "Type"), ("size_gb", "Size/GB"),
-             ("bpw", "bits/weight"), ("kld_mean", f"KLD (mean of {label})"), ("top1_pct", "same top-1 %")]
+             ("bpw", "bits/weight"), ("kld_mean", f"KLD (mean of {label})"), ("kld_mean_se", "KLD SE"),
+             ("top1_pct", "same top-1 %"), ("top1_pct_se", "top-1 SE")]
             + [(f"ppl_{s}", f"PPL {s}") for s in comp.sets]
-            + [("pass_at_1", "pass@1"), ("pp_tps", "pp t/s"), ("tg_tps", "tg t/s"), ("notes", "Notes")])
+            + [("pass_at_1", "pass@1"), ("pass_at_1_ci95", "pass@1 passed, interval"), ("pp_tps", "pp t/s"),
+               ("pp_tps_se", "pp SE"), ("tg_tps", "tg t/s"), ("tg_tps_se", "tg SE"), ("notes", "Notes")])
 
 
 def to_markdown(comp: Comparison) -> str:
     cols = columns(comp)
-    right = {"size_gb", "bpw", "kld_mean", "top1_pct", "pass_at_1", "pp_tps", "tg_tps"} | {f"ppl_{s}" for s in comp.sets}
+    left = {"variant", "method", "type", "notes"}
     lines = ["| " + " | ".join(h for _, h in cols) + " |",
-             "|" + "|".join("-----:" if k in right else ":-----" for k, _ in cols) + "|"]
+             "|" + "|".join(":-----" if k in left else "-----:" for k, _ in cols) + "|"]
     for r in comp.rows:
-        lines.append("| " + " | ".join(", ".join(r["notes"]) if k == "notes" else fmt(k, r.get(k)) for k, _ in cols)
-                     + " |")
+        lines.append("| " + " | ".join(text(k, r) for k, _ in cols) + " |")
     speed = next((r for r in comp.rows if r.get("threads")), None)
     lines += ["", f"KLD: mean over the held-out sets ({', '.join(comp.sets) or 'none'}) of each set's mean KLD "
-              "against the reference; n/a = not measured in this run.",
-              f"Recommended: the smallest Pareto variant (size vs KLD) within {RECOMMEND_KLD_MARGIN} of the best "
-              f"KLD and, where measured, within {RECOMMEND_PASS_MARGIN} of the best pass@1."]
+              "against the reference; SE = standard error over the evaluation chunks; n/a = not measured in "
+              "this run.",
+              f"Notes rank two variants only where they differ by more than {Z:g} standard errors of the difference "
+              "(paired on the same chunks and tasks); otherwise they are a tie.",
+              f"Recommended: the smallest Pareto variant (size vs KLD) credibly within {RECOMMEND_KLD_MARGIN} of the "
+              f"best KLD and, where measured, not credibly more than {RECOMMEND_PASS_MARGIN} below the best pass@1."]
     if speed:
-        lines.append(f"Speed: llama-bench on {speed['cpu']}, {speed['threads']} threads.")
+        lines.append(f"Speed: llama-bench on {speed['cpu']}, {speed['threads']} threads; median of the samples, "
+                     "SE of the median; busy = other processes took the cores the benchmark needed.")
+    lines += difference_lines(comp)
     return "\n".join(lines) + "\n"
 
 
+def difference_lines(comp: Comparison) -> list[str]:
+    """The same-type, different-method differences (a - b) as a small table."""
+    if not comp.differences:
+        return []
+    out = ["", "Paired differences between variants of the same type (a - b; SE over the same chunks/tasks):", "",
+           "| Type | a - b | KLD | same top-1 % | pass@1 |", "|:-----|:-----|-----:|-----:|-----:|"]
+    for d in comp.differences:
+        cells = []
+        for key in ("kld_mean", "top1_pct", "pass_at_1"):
+            x = d[key]
+            cells.append(NA if x is None else f"{x['diff']:+.4g} ± {sig(x['se'])} ({x['verdict']})")
+        out.append(f"| {d['type']} | {d['label']} | " + " | ".join(cells) + " |")
+    return out
+
+
 def to_csv(comp: Comparison) -> str:
-    keys = ["variant", "method", "type", "experts", "size_bytes", "size_gb", "n_params", "bpw", "kld_mean", "kld_p99",
-            "top1_pct", *[f"kld_{s}" for s in comp.sets], *[f"ppl_{s}" for s in comp.sets], "pass_at_1",
-            "humaneval_tasks", "pp_tps", "tg_tps", "bandwidth_share", "load_s", "peak_rss_gb", "notes", "path"]
+    keys = ["variant", "method", "type", "experts", "size_bytes", "size_gb", "n_params", "bpw", "kld_mean",
+            "kld_mean_se", "kld_p99", "kld_p99_se", "top1_pct", "top1_pct_se", *[f"kld_{s}" for s in comp.sets],
+            *[f"ppl_{s}" for s in comp.sets], "pass_at_1", "pass_at_1_se", "pass_at_1_passed", "humaneval_tasks",
+            "pp_tps", "pp_tps_se", "tg_tps", "tg_tps_se", "speed_busy", "bandwidth_share", "load_s", "peak_rss_gb",
+            "notes", "path"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(keys)
@@ -241,7 +244,7 @@ def comparison_table(comp: Comparison):
         t.add_column(h, justify="left" if k in ("variant", "method", "type", "notes") else "right",
                      no_wrap=k in ("variant", "type"))
     for r in comp.rows:
-        t.add_row(*[", ".join(r["notes"]) if k == "notes" else fmt(k, r.get(k)) for k, _ in cols])
+        t.add_row(*[text(k, r) for k, _ in cols])
     return t
 
 

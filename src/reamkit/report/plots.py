@@ -1,4 +1,5 @@
-"""The comparison's two pictures: size vs KLD with the Pareto front drawn, and size vs HumanEval pass@1.
+"""The comparison's two pictures: size vs KLD with the Pareto front drawn, and size vs HumanEval pass@1, each
+point with its error bar (KLD: 2 standard errors; pass@1: the 95% Wilson interval).
 
 Points are coloured by compression method and labelled with their type. KLD spans orders of magnitude
 (Q8_0 ~1e-3, Q2_K ~0.3), so its axis is logarithmic; a variant whose KLD is at or below :data:`KLD_FLOOR` (the
@@ -50,7 +51,7 @@ def _annotate(ax, rows, xs, ys):
 
 
 def plot_size_vs_kld(comp, path: Path) -> Path:
-    from .compare import pareto
+    from .notes import pareto_front
 
     plt = _plt()
     rows = [r for r in comp.rows if r.get("size_gb") and r.get("kld_mean") is not None]
@@ -64,9 +65,12 @@ def plot_size_vs_kld(comp, path: Path) -> Path:
     ys = [max(r["kld_mean"], KLD_FLOOR) for r in rows]
     xs = [r["size_gb"] for r in rows]
     for m, c in colours.items():
-        pts = [(x, y) for r, x, y in zip(rows, xs, ys) if r["method"] == m]
-        ax.scatter(*zip(*pts), color=c, s=42, label=f"method: {m}", zorder=3)
-    front = pareto({r["variant"]: (x, y) for r, x, y in zip(rows, xs, ys)})
+        pts = [(x, y, r.get("kld_mean_se") or 0.0) for r, x, y in zip(rows, xs, ys) if r["method"] == m]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=c, s=42, label=f"method: {m}", zorder=3)
+        below = [min(2 * se, y - KLD_FLOOR / 2) for _, y, se in pts]     # a log axis: the bar stays above 0
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[below, [2 * se for _, _, se in pts]],
+                    fmt="none", ecolor=c, elinewidth=1, capsize=2, zorder=2)
+    front = pareto_front(rows)
     fx = [xs[i] for n in front for i, r in enumerate(rows) if r["variant"] == n]
     fy = [ys[i] for n in front for i, r in enumerate(rows) if r["variant"] == n]
     if len(front) >= 2:
@@ -79,7 +83,7 @@ def plot_size_vs_kld(comp, path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("file size (GB)")
     ax.set_ylabel(f"KLD vs reference (mean of {', '.join(comp.sets)}; log)")
-    ax.set_title("Size vs fidelity (lower left is better; circled: Pareto-optimal)")
+    ax.set_title("Size vs fidelity (lower left is better; bars: 2 standard errors; circled: Pareto-optimal)")
     ax.grid(True, which="both", alpha=0.25)
     ax.margins(x=0.12, y=0.15)
     ax.legend(fontsize=8, loc="upper right")
@@ -99,11 +103,14 @@ def plot_pass_vs_size(comp, path: Path) -> Path:
     xs = [r["size_gb"] for r in rows]
     ys = [r["pass_at_1"] for r in rows]
     for m, c in colours.items():
-        pts = [(x, y) for r, x, y in zip(rows, xs, ys) if r["method"] == m]
-        ax.scatter(*zip(*pts), color=c, s=42, label=f"method: {m}", zorder=3)
+        pts = [(x, y, r.get("pass_at_1_ci95") or [y, y]) for r, x, y in zip(rows, xs, ys) if r["method"] == m]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=c, s=42, label=f"method: {m}", zorder=3)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                    yerr=[[max(0.0, y - ci[0]) for _, y, ci in pts], [max(0.0, ci[1] - y) for _, y, ci in pts]],
+                    fmt="none", ecolor=c, elinewidth=1, capsize=2, zorder=2)
     _annotate(ax, rows, xs, ys)
     ax.set_xlabel("file size (GB)")
-    ax.set_ylabel("HumanEval pass@1")
+    ax.set_ylabel("HumanEval pass@1 (bars: 95% interval)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("Size vs HumanEval pass@1 (upper left is better)")
     ax.grid(True, alpha=0.25)
