@@ -161,3 +161,12 @@ def test_parser_tolerates_nan():
     assert got["same_top1_pct"] == 85.63 and got["same_top1_pct_err"] == 1.101
     with pytest.raises(ReamkitError):
         parse_kld_output("nothing")
+
+
+def test_evaluation_works_at_a_context_above_llama_perplexity_default(ladder, tmp_path):
+    """The variant pass runs at the reference's context (llama-perplexity's own default is 512)."""
+    res = evaluate_fidelity([ladder["Q4_K_M"]], ladder["F16"], tmp_path,
+                            FidelityOptions(tokens=511 * 2, ctx=1024, sets=("code",), threads=2))
+    figures = res[0].sets["code"]
+    assert figures["ctx"] == 1024 and figures["tokens"] == 2 * 511
+    assert 0 < figures["kld_mean"] < 1 and figures["same_top1_pct"] > 50

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import ReamkitError, ToolchainError
-from ..fsutil import write_json
+from ..fsutil import run_relative, write_json
 from ..manifest import Manifest, manifest_path_for, read_manifest, stage_key, write_manifest
 from ..toolchain import cpu_fingerprint, find_toolchain, last_error_line, repack_args, repack_decision, repack_env
 from .fidelity import gguf_fingerprint
@@ -239,7 +239,7 @@ def measure_speed(gguf: Path, run_dir: Path, opts: SpeedOptions | None = None) -
     if out.is_file() and current is not None and current.key == stage_key("speed", inputs, params):
         data = json.loads(out.read_text())
         known = {k: v for k, v in data.items() if k in SpeedResult.__dataclass_fields__}
-        return SpeedResult(**{**known, "path": Path(data["path"]), "skipped": True})
+        return SpeedResult(**{**known, "path": Path(run_dir) / data["path"], "skipped": True})
 
     bandwidth = cached_bandwidth(run_dir, threads)
     rows, load_s, rss = run_bench(gguf, opts, threads)
@@ -258,7 +258,7 @@ def measure_speed(gguf: Path, run_dir: Path, opts: SpeedOptions | None = None) -
         options={"prompt": opts.prompt, "gen": opts.gen,
                  "repetitions": opts.repetitions},
         breakdown={k: v for k, v in act.items() if k not in ("total", "n_params")})
-    write_json(out, {**res.as_dict(), "variant_fingerprint": inputs["gguf"]})
+    write_json(out, {**res.as_dict(), "path": run_relative(gguf, run_dir), "variant_fingerprint": inputs["gguf"]})
     write_manifest(manifest_path_for(out, folder=False), Manifest.new(
         "speed", inputs=inputs, params=params, info={"path": str(gguf)}, outputs={"file": out.name}))
     return res
