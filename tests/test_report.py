@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -121,7 +122,8 @@ def test_card_numbers_are_the_measured_ones(run):
     assert set(table) == {"F16", "Q8_0", "Q2_K"}
     for t, cells in table.items():
         r = rows[t]
-        assert cells["Link"] == f"[GGUF]({r['file']})"
+        link = os.path.relpath(run / r["path"], run / "report")         # the run's file, seen from the card
+        assert cells["Link"] == f"[GGUF]({link})" and (run / "report" / link).is_file()
         for col, key, rel in (("Size/GB", "size_gb", 5e-3), ("bits/weight", "bpw", 5e-3), ("KLD", "kld_mean", 1e-3),
                               ("same top-1 %", "top1_pct", 1e-3), ("pass@1", "pass_at_1", 1e-3),
                               ("pp t/s", "pp_tps", 5e-3), ("tg t/s", "tg_tps", 5e-3)):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ReamkitError
-from ..fsutil import atomic_file, write_json
+from ..fsutil import atomic_file, run_relative, write_json
 from .runinfo import VariantRecord, collect, gguf_facts, type_from_name
 
 RECOMMEND_KLD_MARGIN = 0.05      # nats of mean KLD above the run's best
@@ -149,6 +149,8 @@ def comparison_rows(run_dir: Path) -> Comparison:
     notes = derive_notes(rows)
     for r in rows:
         r["notes"] = notes[r["variant"]]
+        if r["path"]:
+            r["path"] = run_relative(Path(r["path"]), run_dir)    # as the run folder records it
     return Comparison(run_dir=run_dir, rows=rows, sets=sorted({s for r in rows for s in r["kld_sets"]}))
 
 
