@@ -2,8 +2,9 @@
 
 For each decoder layer: load it alone; run every calibration batch through it while observing its MoE block
 (:class:`ExpertStats`); free the built layer; let the method plan; re-read the layer's tensors and apply the
-plan; run the batches through the *compressed* layer to make the next layer's inputs (sequential methods --
-REAM; pruning methods use the original layer's outputs, which the observing pass already produced); save.
+plan; run the batches through the *compressed* layer, recording what its experts see (:class:`OutputStats`,
+the compressed model's importance matrix) and, for sequential methods (REAM), making the next layer's inputs
+(pruning methods use the original layer's outputs, which the observing pass already produced); save.
 After the last decoder layer, an MTP block is calibrated on its real inputs (:mod:`.mtp`) and compressed
 the same way. With saved observations (:mod:`.reuse`) no calibration runs: each block is planned from them.
 
