@@ -206,3 +206,12 @@ def test_chunk_table_parsing_and_quantile_error():
     assert quantile_se(0.99, 2500, qs, design_effect=4.0) == pytest.approx(quantile_se(0.99, 625, qs))
     lo, hi = wilson(0, 10)
     assert lo == 0 and hi == pytest.approx(0.2775, abs=1e-4)
+
+
+def test_evaluation_works_at_a_context_above_llama_perplexity_default(ladder, tmp_path):
+    """The variant pass runs at the reference's context (llama-perplexity's own default is 512)."""
+    res = evaluate_fidelity([ladder["Q4_K_M"]], ladder["F16"], tmp_path,
+                            FidelityOptions(tokens=511 * 2, ctx=1024, sets=("code",), threads=2))
+    figures = res[0].sets["code"]
+    assert figures["ctx"] == 1024 and figures["tokens"] == 2 * 511
+    assert 0 < figures["kld_mean"] < 1 and figures["same_top1_pct"] > 50

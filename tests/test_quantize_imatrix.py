@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,43 @@ def test_observations_of_another_model_are_refused_before_quantizing(ref, tmp_pa
     with pytest.raises(ReamkitError, match=r"for another model: layers\.0\.expert_in_sumsq is \[8, 256\]"):
         quantize_model(ref, out, QuantizeOptions(types="Q2_K", imatrix=str(obs), progress=False))
     assert not out.exists()                        # checked from the file's header, before any work
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory) -> Path:
+    """What ``reamkit compress`` writes: 16 experts merged to 12 per layer by REAM."""
+    from reamkit.compression import CompressOptions, compress
+
+    out = tmp_path_factory.getbasetemp() / "imatrix-compressed" / "model-ream-12e"
+    compress(build_cached(FAMILY), out, CompressOptions(method="ream", experts=12, samples=8, seq_len=64,
+                                                          batch_size=4, device="cpu"))
+    return out
+
+
+def test_the_compression_statistics_describe_the_compressed_model(compressed):
+    from safetensors.torch import load_file
+
+    config = json.loads((compressed / "config.json").read_text())
+    n_out = config.get("num_experts") or config["num_local_experts"]
+    stats = load_file(str(compressed / "compression" / "output_observations.safetensors"))
+    before = load_file(str(compressed / "compression" / "observations.safetensors"))
+    tokens = json.loads((compressed / "compression" / "report.json").read_text())["layers"][0]["tokens"]
+    for i in range(4):
+        assert stats[f"layers.{i}.expert_tokens"].shape == (n_out,) == (12,)
+        assert stats[f"layers.{i}.expert_in_sumsq"].shape == (12, 256)
+        assert stats[f"layers.{i}.expert_mid_sumsq"].shape == (12, 256)
+        assert before[f"layers.{i}.expert_tokens"].shape == (16,)      # the input model's experts, for reuse
+        # every token is routed to top-k of the 12 output experts
+        assert int(stats[f"layers.{i}.expert_tokens"].sum()) == tokens * config["num_experts_per_tok"]
+    assert find_observations(compressed) == compressed / "compression" / "output_observations.safetensors"
+
+
+def test_quantizing_a_compressed_model_uses_its_compression_statistics(compressed, tmp_path):
+    result = quantize_model(compressed, tmp_path / "out", QuantizeOptions(types="Q4_K_M", progress=False))
+    assert result.imatrix.source == "compression observations"
+    entries, _, _ = read_imatrix(result.imatrix.path)
+    assert entries["blk.0.ffn_down_exps.weight"][1].shape[0] == 12
+    meta = metadata(result.variants[0].path)
+    assert meta["reamkit.imatrix"] == "compression observations: model-ream-12e.imatrix.gguf"
+    assert meta["quantize.imatrix.dataset"] == \
+        "reamkit compression observations (compression/output_observations.safetensors)"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ from reamkit.evaluation.stats import Z, sig
 from reamkit.report.compare import RECOMMEND_KLD_MARGIN, fmt
 from reamkit.report.families import QWEN3_CODER_NEXT_REAM
 from reamkit.report.fit import arch_from_config, kv_cache_bytes, recurrent_state_bytes
+from reamkit.serving import ServeOptions
 from reamkit.toolchain import find_toolchain, pins
 
 from .report_support import tiny_ladder
@@ -125,7 +127,8 @@ def test_card_numbers_are_the_measured_ones(run):
     assert set(table) == {"F16", "Q8_0", "Q2_K"}
     for t, cells in table.items():
         r = rows[t]
-        assert cells["Link"] == f"[GGUF]({r['file']})"
+        link = os.path.relpath(run / r["path"], run / "report")         # the run's file, seen from the card
+        assert cells["Link"] == f"[GGUF]({link})" and (run / "report" / link).is_file()
         for col, key, rel in (("Size/GB", "size_gb", 5e-3), ("bits/weight", "bpw", 5e-3), ("KLD", "kld_mean", 1e-3),
                               ("same top-1 %", "top1_pct", 1e-3), ("pass@1", "pass_at_1", 1e-3),
                               ("pp t/s", "pp_tps", 5e-3), ("tg t/s", "tg_tps", 5e-3)):
@@ -184,6 +187,7 @@ def test_kv_and_state_arithmetic_by_hand():
     assert kv_cache_bytes(arch, 32768) == 2 * 12 * 2 * 256 * 32768 * 2 == 805_306_368
     # 36 linear layers x (conv (4-1) x (2*16*128 + 32*128) + ssm 32 heads x 128 x 128) x 4 bytes (F32)
     assert recurrent_state_bytes(arch) == 36 * (3 * 8192 + 32 * 128 * 128) * 4 == 79_036_416
+    assert recurrent_state_bytes(arch, 4) == 4 * 79_036_416                          # one state per slot
     assert kv_cache_bytes(arch, 32768, 34 / 32) == 2 * 12 * 2 * 256 * 32768 * 34 // 32     # q8_0 cache
 
 
@@ -195,12 +199,17 @@ def test_fit_picks_by_memory_and_refuses_when_nothing_fits():
     picks = [r.choice.candidate.type for r in (small, mid, big)]
     assert picks == ["Q4_K_M", "Q2_K", "Q6_K"] and len(set(picks)) == 3
     need = mid.choice
-    assert need.total == int(22.2e9) + 805_306_368 + 79_036_416 + need.overhead <= 24e9
+    # reamkit serve's 4 slots (unified KV cache over the whole context) each hold a recurrent state
+    assert mid.parallel == ServeOptions().parallel == 4
+    assert need.total == int(22.2e9) + 805_306_368 + 4 * 79_036_416 + need.overhead <= 24e9
     assert not next(n for n in big.needs if n.candidate.type == "Q8_0").fits      # 64.3 GB of weights alone
     assert small.choice.n_cpu_moe and 0 < small.choice.n_cpu_moe < 48
     lines = fit_lines(mid)
     assert any("12 attention layers x 2 KV heads x (256 + 256) x 32768 tokens" in ln for ln in lines)
-    assert lines[-1].startswith("pick: Q2_K")
+    assert lines[-1].startswith("pick: Q2_K") and " -c 32768 -np 4 --kv-unified" in lines[-1]
+    assert any("recurrent state (36 layers x 4 slots) 0.32 GB" in ln for ln in lines)
+    one = fit(model, "24GB", context="32k", parallel=1)
+    assert one.choice.total == need.total - 3 * 79_036_416 and " -np 1 " in fit_lines(one)[-1]
     with pytest.raises(ReamkitError, match=r"nothing fits in 8 GB of RAM: the smallest variant, Q2_K, needs 23\.\d GB"):
         fit(model, "8GB")
     r = CliRunner().invoke(app, ["fit", model, "--memory", "8GB"])

@@ -151,10 +151,10 @@ class AgentClient(str, Enum):
 @app.command()
 @user_errors
 def serve(
-    model: Annotated[str | None, typer.Argument(help="GGUF file, or a run folder of <name>.<TYPE>.gguf variants")] = None,
-    variant: Annotated[str | None, typer.Option(help="variant to serve from a run folder, e.g. Q4_K_M")] = None,
+    model: Annotated[str | None, typer.Argument(help="GGUF file, a pipeline's run folder, or a folder of <name>.<TYPE>.gguf files")] = None,
+    variant: Annotated[str | None, typer.Option(help="variant of a run folder: Q4_K_M, ream:Q4_K_M or the full name (default: the recommended one)")] = None,
     host: Annotated[str, typer.Option(help="address to listen on (loopback by default)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port to listen on (0: a free one)")] = 8080,
+    port: Annotated[int, typer.Option(envvar="REAMKIT_PORT", help="port to listen on (0: a free one)")] = 8080,
     api_key: Annotated[str | None, typer.Option(envvar="REAMKIT_API_KEY", help="key clients must send (Bearer or x-api-key)")] = None,
     ctx: Annotated[int, typer.Option(help="context size in tokens, shared by the parallel slots")] = 32768,
     parallel: Annotated[int, typer.Option(help="requests decoded at once")] = 4,
@@ -524,9 +524,11 @@ def card(
     repo: Annotated[str | None, typer.Option(help="Hub repository ORG/NAME the links point to (default: file names)")] = None,
 ) -> None:
     """A model card (report/README.md) in the style of mradermacher's GGUF cards, with the measured figures."""
-    from .report import write_card
+    from .report import write_card, write_release
 
     out.print(f"wrote {write_card(run_dir, model_name=model_name, repo=repo)}", highlight=False, soft_wrap=True)
+    for folder in write_release(run_dir):
+        out.print(f"release: {folder} (hf upload ORG/{folder.name} {folder})", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -537,13 +539,14 @@ def fit(
     context: Annotated[str, typer.Option(help="context tokens, e.g. 32k")] = "32k",
     gpu_memory: Annotated[str | None, typer.Option(help="GPU memory; routed experts that do not fit stay in RAM")] = None,
     cache_type: Annotated[str, typer.Option(help="KV cache type (f16, q8_0, ...)")] = "f16",
+    parallel: Annotated[int, typer.Option(help="parallel slots (-np), each with its own recurrent state; as reamkit serve")] = 4,
 ) -> None:
     """The best-fidelity variant whose weights + KV cache + state + overhead fit, with the arithmetic."""
     from .report import fit as run_fit
     from .report import fit_lines
 
     res = run_fit(target if not Path(target).is_dir() else Path(target), memory, context=context,
-                  gpu_memory=gpu_memory, cache_type=cache_type)
+                  gpu_memory=gpu_memory, cache_type=cache_type, parallel=parallel)
     for line in fit_lines(res):
         out.print(line, highlight=False, soft_wrap=True, markup=False)
 

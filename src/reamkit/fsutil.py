@@ -130,3 +130,10 @@ def _fsync_tree(root: Path) -> None:
                 continue
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def run_relative(path: Path, run_dir: Path) -> str:
+    """How a run folder records a file: relative to the run folder when inside it (so the folder can be moved),
+    else absolute."""
+    p, root = Path(path).resolve(), Path(run_dir).resolve()
+    return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)

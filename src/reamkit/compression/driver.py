@@ -195,12 +195,15 @@ def _publish(model: Model, out: Path, keep: int, mtp: list[str], opts: CompressO
         for prefix, name, _ in groups:
             w.add({prefix + k: v for k, v in load_file(str(work / f"layer-{name}.safetensors")).items()})
         folder = w.staging
-        stats = {}
+        stats, out_stats = {}, {}
         for _, name, key in groups:
-            p = work / f"stats-{name}.safetensors"
-            if p.is_file():
-                stats.update({key + k: v for k, v in load_file(str(p)).items()})
+            for prefix, into in (("stats", stats), ("ostats", out_stats)):
+                p = work / f"{prefix}-{name}.safetensors"
+                if p.is_file():
+                    into.update({key + k: v for k, v in load_file(str(p)).items()})
         (folder / "compression").mkdir()
+        if out_stats:      # what the output experts see: the compressed model's importance matrix
+            save_file(out_stats, str(folder / "compression" / "output_observations.safetensors"))
         if stats:
             save_file(stats, str(folder / "compression" / "observations.safetensors"))
             write_json(folder / "compression" / "observations.json", {

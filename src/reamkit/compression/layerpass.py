@@ -2,8 +2,9 @@
 
 For each decoder layer: load it alone; run every calibration batch through it while observing its MoE block
 (:class:`ExpertStats`); free the built layer; let the method plan; re-read the layer's tensors and apply the
-plan; run the batches through the *compressed* layer to make the next layer's inputs (sequential methods --
-REAM; pruning methods use the original layer's outputs, which the observing pass already produced); save.
+plan; run the batches through the *compressed* layer, recording what its experts see (:class:`OutputStats`,
+the compressed model's importance matrix) and, for sequential methods (REAM), making the next layer's inputs
+(pruning methods use the original layer's outputs, which the observing pass already produced); save.
 After the last decoder layer, an MTP block is calibrated on its real inputs (:mod:`.mtp`) and compressed
 the same way. With saved observations (:mod:`.reuse`) no calibration runs: each block is planned from them.
 
@@ -33,7 +34,7 @@ from ..models.moe import MoEBlock, capture_moe_input
 from ..runtime import LayerwiseModel
 from .cache import ActivationCache
 from .methods import MethodInput
-from .observe import ExpertStats, ObserveOptions
+from .observe import ExpertStats, ObserveOptions, OutputStats
 from .plan import LayerPlan, apply_plan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -212,11 +213,23 @@ class _Pass:
         new_tensors = self._apply(load(), plan)
         rep.update(plan.to_json())
         save_safetensors(summary, self.work / f"stats-{self._name(i)}.safetensors")
-        if self.sequential and nxt is not None:
-            layer = lw.layer(bi, self._to(new_tensors)).to(self.device)
+        # the compressed layer on the same inputs: the next layer's inputs (sequential methods) and what its
+        # experts see, the statistics of the compressed model's importance matrix
+        layer = lw.layer(bi, self._to(new_tensors)).to(self.device)
+        block = MoEBlock.from_tensors(adapter, self.config, adapter.layer_tensors(layer, "fused"), dtype=None)
+        out_stats = OutputStats(block.num_experts, block.experts.gate.shape[2], block.experts.gate.shape[1])
+        seen, handle = capture_moe_input(layer, adapter)
+        try:
             for j in range(len(hidden)):
-                nxt.append(lw.run_layer(layer, bi, hidden[j], ctx(hidden[j])))
-            del layer
+                out = lw.run_layer(layer, bi, hidden[j], ctx(hidden[j]))
+                x = seen.pop()
+                out_stats.observe(block, x.reshape(-1, x.shape[-1]))
+                if self.sequential and nxt is not None:
+                    nxt.append(out)
+        finally:
+            handle.remove()
+        del layer, block, seen
+        save_safetensors(out_stats.summary_tensors(), self.work / f"ostats-{self._name(i)}.safetensors")
         self._save(i, new_tensors, rep)
         return rep
 

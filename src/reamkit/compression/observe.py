@@ -163,3 +163,33 @@ def fill_zero_saliency(s: torch.Tensor) -> torch.Tensor:
     pos = s[s > 0]
     fill = min(0.5, float(pos.min())) if pos.numel() else 0.5
     return torch.where(s > 0, s, torch.full_like(s, fill))
+
+
+class OutputStats:
+    """What the experts of the *compressed* layer see: per output expert, its routed token count and the sums of
+    squared inputs, per input channel, of ``gate``/``up`` (x) and of ``down`` (h), over the tokens routed to it.
+    These are llama-imatrix's ``counts`` and ``in_sum2`` for the compressed model's ``ffn_*_exps`` tensors, so
+    ``reamkit quantize <compressed model> --imatrix auto`` uses them (saved as
+    ``compression/output_observations.safetensors``). Only routed tokens are evaluated (top-k of N experts)."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int):
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+        self.freq, self.in_sumsq, self.mid_sumsq = z(num_experts), z(num_experts, hidden), z(num_experts, inter)
+
+    @torch.no_grad()
+    def observe(self, block: MoEBlock, x: torch.Tensor) -> None:
+        x = x.to(block.router.dtype)
+        probs = torch.softmax(block.router_logits(x).float(), dim=-1)
+        _, top = torch.topk(probs, block.routing.top_k, dim=-1)
+        routed = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top, True)   # [T, N]
+        self.freq += routed.sum(0).double()
+        self.in_sumsq += (routed.to(x.dtype).T @ (x * x)).double()
+        for i in range(routed.shape[1]):
+            rows = routed[:, i].nonzero().squeeze(1)
+            if rows.numel():
+                h = block.expert_hidden(x[rows], slice(i, i + 1))[0]                  # [T_i, D]
+                self.mid_sumsq[i] += (h * h).sum(0).double()
+
+    def summary_tensors(self) -> dict[str, torch.Tensor]:
+        return {"expert_tokens": self.freq, "expert_in_sumsq": self.in_sumsq.float(),
+                "expert_mid_sumsq": self.mid_sumsq.float()}

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ReamkitError
-from ..fsutil import atomic_file, write_json
+from ..fsutil import atomic_file, run_relative, write_json
 from ..manifest import Manifest, manifest_path_for, read_manifest, stage_key, write_manifest
 from ..quantization.runner import run_tool
 from .stats import kld_uncertainty, sig
@@ -230,13 +230,13 @@ def evaluate_fidelity(variants: list[Path], reference: Path, run_dir: Path, opts
         for name, (kld, base) in bases.items():
             if progress:
                 progress(f"{res.variant}: {name}")
-            args = ["-m", p, "--kl-divergence-base", kld, "--kl-divergence", *_threads(opts)]
+            args = ["-m", p, "-c", opts.ctx, "--kl-divergence-base", kld, "--kl-divergence", *_threads(opts)]
             log = _perplexity(args, lambda t: "Same top p:" in t)
             figures = parse_kld_output(log)
             res.sets[name] = {**figures, **kld_uncertainty(log, figures, base["tokens"]), "tokens": base["tokens"],
                               "ctx": opts.ctx}
         write_json(out_dir / f"{res.variant}.json", {
-            **res.as_dict(), "reference": str(reference), "reference_fingerprint": ref_fp,
+            **res.as_dict(), "path": run_relative(p, run_dir), "reference": run_relative(reference, run_dir), "reference_fingerprint": ref_fp,
             "variant_fingerprint": gguf_fingerprint(p), "bytes": p.stat().st_size})
         results.append(res)
     return results

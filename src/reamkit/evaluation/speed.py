@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import ReamkitError
-from ..fsutil import write_json
+from ..fsutil import run_relative, write_json
 from ..manifest import Manifest, manifest_path_for, read_manifest, stage_key, write_manifest
 from ..toolchain import cpu_fingerprint, find_toolchain, repack_decision
 from .cpuload import free_cores, last_level_cache_bytes
@@ -187,7 +187,7 @@ def measure_speed(gguf: Path, run_dir: Path, opts: SpeedOptions | None = None) -
         data = json.loads(out.read_text())
         if not data.get("busy"):                  # a figure from a busy machine is measured again on a rerun
             known = {k: v for k, v in data.items() if k in SpeedResult.__dataclass_fields__}
-            return SpeedResult(**{**known, "path": Path(data["path"]), "skipped": True})
+            return SpeedResult(**{**known, "path": Path(run_dir) / data["path"], "skipped": True})
 
     threads = opts.threads or free_cores()
     bandwidth = cached_bandwidth(run_dir, threads)
@@ -207,7 +207,7 @@ def measure_speed(gguf: Path, run_dir: Path, opts: SpeedOptions | None = None) -
                  "threads": opts.threads or "free"},
         breakdown={k: v for k, v in act.items() if k not in ("total", "n_params")},
         busy=m.busy, llc_bytes=llc, batches=m.batches)
-    write_json(out, {**res.as_dict(), "variant_fingerprint": inputs["gguf"]})
+    write_json(out, {**res.as_dict(), "path": run_relative(gguf, run_dir), "variant_fingerprint": inputs["gguf"]})
     write_manifest(manifest_path_for(out, folder=False), Manifest.new(
         "speed", inputs=inputs, params=params, info={"path": str(gguf)}, outputs={"file": out.name}))
     return res

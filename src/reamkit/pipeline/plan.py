@@ -10,6 +10,9 @@
       reference/, fidelity/, humaneval/                                       (reference, evaluate:<variant>)
       speed/                                                                  (speed:<variant>, each run alone)
       variants.json, report/             table, plots, card                   (compare, card)
+      release/<model>-GGUF/              card, GGUFs (hard links), imatrix, plots: uploadable as it is  (card)
+
+Everything the run records names its files relative to the run folder, so the folder can be moved.
 
 A stage's key hashes its kind, its own parameters and the keys of the stages it depends on, so changing one
 parameter changes exactly the keys downstream of it: those stages rerun, every other one is skipped.
@@ -135,7 +138,7 @@ def build_plan(cfg: RunConfig, model_config: dict, num_experts: int | None, fing
     _add(stages, Stage("compare", "compare", {"variants": variants, "reference": reference, "run": run},
                        deps=evals, outputs=["variants.json", "run.json", "report/compare.json"]))
     _add(stages, Stage("card", "card", {"model": name, "config": cfg.model_dump(mode="json")},
-                       deps=["compare"], outputs=["report/README.md"]))
+                       deps=["compare"], outputs=["report/README.md", *(f"release/{m}-GGUF/README.md" for m in models)]))
     return Plan(cfg, stages, models, variants, reference)
 
 

@@ -131,15 +131,16 @@ def _compare(root: Path, p: dict) -> None:
     from ..fsutil import write_json
     from ..report import compare, write_variants
 
-    write_variants(root, {v: {**info, "path": str(root / info["path"])} for v, info in p["variants"].items()})
+    write_variants(root, p["variants"])          # paths relative to the run folder, which may move
     write_json(root / "run.json", p["run"])
     compare(root)
 
 
 def _card(root: Path, p: dict) -> None:
-    from ..report import write_card
+    from ..report import write_card, write_release
 
     write_card(root)
+    write_release(root)
 
 
 _KINDS = {"compress": _compress, "prepare": _prepare, "quantize": _quantize, "reference": _reference,

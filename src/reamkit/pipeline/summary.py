@@ -4,11 +4,17 @@ recommended variant."""
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from ..report.compare import with_error
+from ..report.pick import label, run_variants
 from .runner import RunResult
 
 
@@ -39,6 +45,30 @@ def print_summary(result: RunResult, out: Console) -> None:
                   ", ".join(r["notes"]) if isinstance(r.get("notes"), list) else str(r.get("notes") or ""))
     out.print(t)
     out.print(f"card: {run_dir / 'report' / 'README.md'}", highlight=False, soft_wrap=True)
+    for folder in sorted((run_dir / "release").glob("*-GGUF")):
+        out.print(f"to publish: hf upload ORG/{folder.name} {shlex.quote(str(folder))}", highlight=False,
+                  soft_wrap=True)
     best = next((r for r in rows if "recommended" in str(r.get("notes"))), None)
     if best is not None:
-        out.print(f"try it: reamkit serve {best['path']}", highlight=False, soft_wrap=True)
+        found = run_variants(run_dir)
+        choice = next((label(v, found) for v in found if v.name == best["variant"]), best["variant"])
+        out.print(f"try it: {reamkit_command()} serve {shlex.quote(str(run_dir))} --variant {choice}",
+                  highlight=False, soft_wrap=True)
+
+
+def reamkit_command() -> str:
+    """How to call reamkit again from the shell this one runs in: ``reamkit`` when that is on PATH, else the
+    path of the script (``.venv/bin/reamkit``) or of the interpreter (``python -m reamkit.cli``)."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "reamkit" and argv0.is_file():
+        on_path = shutil.which("reamkit")
+        if on_path and Path(on_path).resolve() == argv0.resolve():
+            return "reamkit"
+        return _shell_path(argv0)
+    return f"{_shell_path(Path(sys.executable))} -m reamkit.cli"
+
+
+def _shell_path(p: Path) -> str:
+    rel = os.path.relpath(p.absolute())
+    text = rel if not rel.startswith("..") else str(p.absolute())
+    return shlex.quote(text if "/" in text else f"./{text}")

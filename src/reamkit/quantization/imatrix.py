@@ -160,7 +160,8 @@ def imatrix_from_observations(observations: Path, inv: Inventory, out: Path) -> 
     obs = {k: v.float().numpy() for k, v in load_file(str(observations)).items()}
     writer = GGUFWriter(str(out), arch="imatrix", use_temp_file=False)
     writer.add_type("imatrix")
-    writer.add_array("imatrix.datasets", [f"reamkit compression observations ({Path(observations).name})"])
+    where = Path(observations)
+    writer.add_array("imatrix.datasets", [f"reamkit compression observations ({where.parent.name}/{where.name})"])
     tokens_max = 0
     for i in blocks:
         counts = obs[f"layers.{i}.expert_tokens"].astype(np.float32).reshape(-1, 1)
@@ -205,10 +206,18 @@ def check_observations(observations: Path, inv: Inventory) -> list[int]:
     return blocks
 
 
+OUTPUT_OBSERVATIONS = "output_observations.safetensors"
+
+
 def find_observations(model: Path) -> Path | None:
-    """A compression pass's statistics for ``model``: ``<model>/../observations`` or beside the model."""
+    """A compression pass's statistics for ``model``: what a compressed model's own experts saw
+    (``<model>/compression/output_observations.safetensors``, written by ``reamkit compress``), else a
+    statistics file in ``<model>/../observations``, ``<model>/observations`` or beside the model."""
     model = Path(model)
     base = model.parent if model.suffix == ".gguf" else model
+    own = base / "compression" / OUTPUT_OBSERVATIONS
+    if own.is_file():
+        return own
     for folder in (base.parent / "observations", base / "observations", base):
         if folder.is_dir():
             found = sorted(p for p in folder.glob("*.safetensors") if _is_observations(p))

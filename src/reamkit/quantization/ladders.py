@@ -6,13 +6,18 @@ dense FFN layers and the output head -- at a higher type (Q8_0 by default). In a
 about 4% of the weights, so the cost is small and the error they add to every token is removed. Routers and
 norms are never quantized by llama.cpp and stay F32 in both ladders.
 
-The overrides are plain ``--tensor-type REGEX=TYPE`` patterns; the size predictor applies the same ones.
+The overrides are plain ``--tensor-type REGEX=TYPE`` patterns; the size predictor applies the same ones. Given
+the model's tensors, they name each always-active tensor whose stock type has fewer bits than the keep type, and
+no other: a tensor the stock mix already gives more bits (``output.weight`` at Q6_K in Q4_K_M, with keep type
+Q5_K) keeps them, so a ``-moe`` file never has a tensor below the same tensor of the stock file.
 """
 
 from __future__ import annotations
 
+import re
+
 from ..errors import ReamkitError
-from .rules import FILE_TYPES, GGML_BLOCKS, LADDER
+from .rules import FILE_TYPES, GGML_BLOCKS, LADDER, choose_types, quantizable
 
 LADDERS = {"static": "", "moe-aware": "-moe"}       # ladder -> file name suffix after the type
 ALWAYS_ACTIVE = (
@@ -30,15 +35,25 @@ def nominal_bpw(ggml_type: str) -> float:
     return size * 8 / block
 
 
-def ladder_overrides(ladder: str, file_type: str, keep_type: str = "Q8_0") -> list[tuple[str, str]]:
-    """``(regex, ggml type)`` overrides for ``file_type`` on ``ladder`` (never lowering a tensor's type)."""
+def ladder_overrides(ladder: str, file_type: str, keep_type: str = "Q8_0", *, tensors=None, facts=None,
+                     has_imatrix: bool = False) -> list[tuple[str, str]]:
+    """``(regex, ggml type)`` overrides for ``file_type`` on ``ladder``, never lowering a tensor's type.
+
+    With ``tensors`` and ``facts`` (the model's inventory), one exact-name override per always-active tensor that
+    the stock mix gives fewer bits than ``keep_type``; without them, the patterns (for the keep type's check)."""
     if ladder == "static":
         return []
     if keep_type not in KEEP_TYPES:
         raise ReamkitError(f"unknown keep type {keep_type!r}; choose one of: {', '.join(KEEP_TYPES)}")
-    if nominal_bpw(keep_type) <= nominal_bpw(FILE_TYPES[file_type][1]):
-        return []
-    return [(p, keep_type) for p in ALWAYS_ACTIVE]
+    if tensors is None:
+        return [(p, keep_type) for p in ALWAYS_ACTIVE]
+    # every always-active tensor is pinned, to the higher of its stock type and the keep type: a tensor left to
+    # the mix would see llama.cpp's per-category counters (attn_v's "more bits" layers) shifted by the pinned ones
+    active = [re.compile(p) for p in ALWAYS_ACTIVE]
+    stock = choose_types(tensors, file_type, facts, has_imatrix=has_imatrix)
+    keep = nominal_bpw(keep_type)
+    return [(f"^{re.escape(t.name)}$", stock[t.name] if nominal_bpw(stock[t.name]) >= keep else keep_type)
+            for t in tensors if quantizable(t) and any(rx.search(t.name) for rx in active)]
 
 
 def parse_types(types: list[str] | str | None) -> list[str]:

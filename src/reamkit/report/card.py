@@ -12,6 +12,8 @@ neither says, the card says so.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 from ..fsutil import atomic_file
@@ -21,6 +23,7 @@ from .answer import answer_lines
 from .evidence import indistinct
 from .runinfo import read_run_info, read_variants
 
+PLOTS = {"size_vs_kld.png": "size vs KLD, Pareto front drawn", "size_vs_pass.png": "size vs HumanEval pass@1"}
 CARD_COLUMNS = (("method", "Method"), ("type", "Type"), ("size_gb", "Size/GB"), ("bpw", "bits/weight"), ("kld_mean", "KLD"),
                 ("top1_pct", "same top-1 %"), ("pass_at_1", "pass@1"), ("pp_tps", "pp t/s"), ("tg_tps", "tg t/s"))
 
@@ -105,13 +108,31 @@ def _model_name(comp: Comparison, given: str | None, run: dict) -> str:
     return stems.pop() if len(stems) == 1 else Path(comp.run_dir).resolve().name
 
 
-def card_markdown(comp: Comparison, *, model_name: str | None = None, repo: str | None = None) -> str:
+def _links(comp: Comparison, repo: str | None, beside: bool) -> Callable[[Path], str]:
+    """Where the card's links point: the Hub, a file beside the card (a release folder), or the file in the run
+    folder seen from ``report/``."""
+    if repo:
+        return lambda p: f"https://huggingface.co/{repo}/resolve/main/{p.name}"
+    if beside:
+        return lambda p: p.name
+    here = (Path(comp.run_dir) / "report").resolve()
+    return lambda p: os.path.relpath((Path(comp.run_dir) / p).resolve(), here)
+
+
+def card_markdown(comp: Comparison, *, model_name: str | None = None, repo: str | None = None,
+                  model: str | None = None, beside: bool = False) -> str:
+    """The card of the run, or of one ``model`` of it (its variants only). Links point at the run's files
+    (from ``report/``), at files beside the card (``beside``: a release folder) or at the Hub (``repo``)."""
     run = read_run_info(comp.run_dir)
-    name = _model_name(comp, model_name, run)
+    name = model_name or model or _model_name(comp, model_name, run)
     base = run.get("base_model", "unknown")
-    methods = sorted({r["method"] for r in comp.rows if r["method"] not in ("none", "unknown")})
+    shown = [r for r in comp.rows if model is None or r.get("model") == model]
+    methods = sorted({r["method"] for r in shown if r["method"] not in ("none", "unknown")})
     commit = _llama_cpp_commit()
-    rows = [r for r in comp.rows if r.get("file")]
+    rows = [r for r in shown if r.get("file")]
+    link_to = _links(comp, repo, beside)
+    facts = [f for f in compression_facts(comp.run_dir) if model is None or f.get("model") == model]
+    uncompressed = model is not None and not facts and all(r["method"] == "none" for r in shown)
     speed = next((r for r in rows if r.get("threads")), None)
     cols, dropped = card_columns(rows)
     out = ["---", f"base_model: {base}", "library_name: gguf", "tags:", "- gguf", "- reamkit",
@@ -119,7 +140,7 @@ def card_markdown(comp: Comparison, *, model_name: str | None = None, repo: str 
            f"# {name} GGUF", "", *answer_lines(comp), "## About", "",
            f"Quantized GGUF variants of **{name}** (base model: {base}), made and measured with reamkit.", "",
            *([str(run["description"]), ""] if run.get("description") else []),
-           *_compression_lines(compression_facts(comp.run_dir)),
+           *(["- Compression: none (the original model's experts)."] if uncompressed else _compression_lines(facts)),
            f"- Quantized with llama.cpp commit `{commit}` (pinned by reamkit in `constraints.txt`).", "",
            "## Usage", "",
            "Any llama.cpp build that knows the model's architecture runs these files; reamkit serves them to "
@@ -132,10 +153,11 @@ def card_markdown(comp: Comparison, *, model_name: str | None = None, repo: str 
            "| Link | " + " | ".join(h for _, h in cols) + " | Notes |",
            "|:-----|:-----|:-----|" + "|".join("--------:" for _ in cols[2:]) + "|:------|"]
     for r in rows:
-        link = f"https://huggingface.co/{repo}/resolve/main/{r['file']}" if repo else r["file"]
+        link = link_to(Path(r["path"]))
         cells = [fmt(k, r.get(k)) if k in ("method", "type", "size_gb", "bpw") else with_error(k, r) for k, _ in cols]
         out.append(f"| [GGUF]({link}) | " + " | ".join(cells) + f" | {', '.join(r['notes'])} |")
     out += dropped
+    out += _files_section(comp, {r["model"] for r in rows if r.get("model")}, link_to)
     out += ["", "## How to run each file", ""]
     for r in rows:
         out += [f"**{r['type']}** (`{r['file']}`):", "", "```bash", f"reamkit serve {r['file']}",
@@ -179,6 +201,25 @@ def _indistinct_line(key: str, head: str, rows: list[dict]) -> str:
         return (f"- {head}: {where}{count}; this measurement cannot tell the variants apart (no two differ by more "
                 f"than {Z:g} standard errors), so it is not a column.")
     return (f"- {head}: {span}; no two variants differ by more than {Z:g} standard errors, so it is not a column.")
+
+
+def card_files(run_dir: Path, models: set[str]) -> dict[str, list[Path]]:
+    """What a card shows besides the GGUFs, relative to the run folder: the plots and each model's imatrix."""
+    run_dir = Path(run_dir)
+    plots = [Path("report") / n for n in PLOTS if (run_dir / "report" / n).is_file()]
+    imatrix = [Path("gguf") / m / f"{m}.imatrix.gguf" for m in sorted(models)
+               if (run_dir / "gguf" / m / f"{m}.imatrix.gguf").is_file()]
+    return {"plots": plots, "imatrix": imatrix}
+
+
+def _files_section(comp: Comparison, models: set[str], link_to: Callable[[Path], str]) -> list[str]:
+    files = card_files(comp.run_dir, models)
+    out = [""]
+    for p in files["plots"]:
+        out += [f"![{PLOTS[p.name]}]({link_to(p)})", ""]
+    for p in files["imatrix"]:
+        out.append(f"- Importance matrix used for quantizing: [{p.name}]({link_to(p)})")
+    return out
 
 
 def write_card(run_dir: Path, *, model_name: str | None = None, repo: str | None = None) -> Path:

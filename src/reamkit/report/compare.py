@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ReamkitError
-from ..fsutil import atomic_file, write_json
+from ..fsutil import atomic_file, run_relative, write_json
 from ..evaluation.stats import Z, sig
 from .evidence import error_fields, private_fields, same_type_differences
 from .notes import RECOMMEND_KLD_MARGIN, RECOMMEND_PASS_MARGIN, derive_notes, pareto
@@ -98,6 +98,8 @@ def comparison_rows(run_dir: Path) -> Comparison:
     notes = derive_notes(rows)
     for r in rows:
         r["notes"] = notes[r["variant"]]
+        if r["path"]:
+            r["path"] = run_relative(Path(r["path"]), run_dir)    # as the run folder records it
     return Comparison(run_dir=run_dir, rows=rows, sets=sorted({s for r in rows for s in r["kld_sets"]}),
                       differences=same_type_differences(rows))
 

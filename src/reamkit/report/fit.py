@@ -6,7 +6,8 @@ in a machine's memory, with the arithmetic printed.
   x bytes per element`` (``2 x n_full x n_kv x head_dim x context x bytes`` when k_dim = v_dim).
 * **Recurrent state** (linear-attention layers, fixed size, F32 as llama.cpp keeps it): per layer a conv state
   of ``(conv_kernel - 1) x (2 x n_k_heads x k_dim + n_v_heads x v_dim)`` and an SSM state of
-  ``n_v_heads x k_dim x v_dim`` elements, one sequence.
+  ``n_v_heads x k_dim x v_dim`` elements, per sequence: one per parallel slot (``-np``, 4 by default as
+  ``reamkit serve``), while the KV cache of the whole context is shared by the slots (``--kv-unified``).
 * **Overhead**: :data:`FIXED_OVERHEAD` (process, context, graph) + the compute buffer of one 512-token
   micro-batch (logits ``512 x n_vocab`` F32 + activations ``512 x n_embd x`` :data:`ACTIVATION_FLOATS` F32).
 
@@ -30,6 +31,7 @@ FIXED_OVERHEAD = 250_000_000
 UBATCH = 512
 ACTIVATION_FLOATS = 16
 DEFAULT_CONTEXT = 32768                # as reamkit serve
+DEFAULT_PARALLEL = 4                   # as reamkit serve: slots, each with its own recurrent state
 _UNITS = {"": 1e9, "g": 1e9, "gb": 1e9, "gib": 2**30, "m": 1e6, "mb": 1e6, "mib": 2**20, "t": 1e12, "tb": 1e12,
           "tib": 2**40}
 
@@ -113,8 +115,8 @@ def kv_cache_bytes(arch: Arch, context: int, bytes_per_element: float = 2.0) -> 
     return int(arch.n_full_attn * arch.n_kv_heads * (arch.k_dim + arch.v_dim) * context * bytes_per_element)
 
 
-def recurrent_state_bytes(arch: Arch) -> int:
-    return arch.n_linear * ((arch.conv_kernel - 1) * arch.conv_dim + arch.ssm_state) * 4
+def recurrent_state_bytes(arch: Arch, parallel: int = 1) -> int:
+    return arch.n_linear * ((arch.conv_kernel - 1) * arch.conv_dim + arch.ssm_state) * 4 * parallel
 
 
 def overhead_bytes(arch: Arch) -> int:
@@ -152,6 +154,7 @@ class FitResult:
     gpu_memory: int | None
     context: int
     cache_type: str
+    parallel: int = DEFAULT_PARALLEL
     needs: list[Need] = field(default_factory=list)       # best fidelity first
     choice: Need | None = None
 
@@ -179,16 +182,19 @@ def place(c: Candidate, kv: int, state: int, over: int, memory: int, gpu: int | 
 
 
 def fit(target: str | Path, memory: str | int, *, context: str | int = DEFAULT_CONTEXT,
-        gpu_memory: str | int | None = None, cache_type: str = "f16") -> FitResult:
+        gpu_memory: str | int | None = None, cache_type: str = "f16", parallel: int = DEFAULT_PARALLEL) -> FitResult:
     """Pick the best-fidelity variant of a run folder or built-in family that fits; refuses when none does."""
     mem = memory if isinstance(memory, int) else parse_memory(memory)
     gpu = None if gpu_memory is None else gpu_memory if isinstance(gpu_memory, int) else parse_memory(gpu_memory)
     ctx = parse_context(context)
     per_elem = cache_bytes_per_element(cache_type)
+    if parallel < 1:
+        raise ReamkitError(f"--parallel {parallel} must be at least 1")
     cands = candidates(target)
-    res = FitResult(target=str(target), memory=mem, gpu_memory=gpu, context=ctx, cache_type=cache_type)
+    res = FitResult(target=str(target), memory=mem, gpu_memory=gpu, context=ctx, cache_type=cache_type,
+                    parallel=parallel)
     for c in sorted(cands, key=rank_key):
-        kv, st, ov = kv_cache_bytes(c.arch, ctx, per_elem), recurrent_state_bytes(c.arch), overhead_bytes(c.arch)
+        kv, st, ov = kv_cache_bytes(c.arch, ctx, per_elem), recurrent_state_bytes(c.arch, parallel), overhead_bytes(c.arch)
         ok, where, n_cpu = place(c, kv, st, ov, mem, gpu)
         res.needs.append(Need(c, kv, st, ov, c.weights + kv + st + ov, ok, where, n_cpu))
     res.choice = next((n for n in res.needs if n.fits), None)
@@ -237,7 +243,7 @@ def run_candidates(run_dir: Path) -> list[Candidate]:
 
     out = []
     for r in comparison_rows(run_dir).rows:
-        p = Path(r["path"]) if r.get("path") else None
+        p = Path(run_dir) / r["path"] if r.get("path") else None
         if p is None or not p.is_file():
             continue
         reader = open_gguf(p)
@@ -258,7 +264,7 @@ def fit_lines(res: FitResult) -> list[str]:
              + f"; context {res.context} tokens, KV cache {res.cache_type}",
              f"KV cache = {a.n_full_attn} attention layers x {a.n_kv_heads} KV heads x ({a.k_dim} + {a.v_dim}) x "
              f"{res.context} tokens x {cache_bytes_per_element(res.cache_type):g} B = {gb(res.needs[0].kv)} GB; "
-             f"recurrent state ({a.n_linear} layers) {gb(res.needs[0].state)} GB; overhead {gb(res.needs[0].overhead)} GB",
+             f"recurrent state ({a.n_linear} layers x {res.parallel} slots) {gb(res.needs[0].state)} GB; overhead {gb(res.needs[0].overhead)} GB",
              "variant (best fidelity first): weights + KV + state + overhead = total -> placement"]
     for n in res.needs:
         c = n.candidate
@@ -269,5 +275,5 @@ def fit_lines(res: FitResult) -> list[str]:
     ch = res.choice
     f = ch.candidate.file or f"<model>.{ch.candidate.type}.gguf"
     extra = f" -ngl 99 --n-cpu-moe {ch.n_cpu_moe}" if ch.n_cpu_moe else " -ngl 99" if ch.n_cpu_moe == 0 else ""
-    lines.append(f"pick: {ch.candidate.name} ({ch.placement}); run: llama-server -m {f} -c {res.context}{extra}")
+    lines.append(f"pick: {ch.candidate.name} ({ch.placement}); run: llama-server -m {f} -c {res.context} -np {res.parallel} --kv-unified{extra}")
     return lines

@@ -2,7 +2,9 @@
 
 A run folder holds one GGUF per quantization variant, named ``<name>.<TYPE>.gguf`` (``model.Q4_K_M.gguf``);
 ``--variant Q4_K_M`` picks one (case-insensitive), and a folder with a single GGUF needs no ``--variant``.
-Split GGUFs (``-00001-of-00003.gguf``) are served from their first part.
+Split GGUFs (``-00001-of-00003.gguf``) are served from their first part. A release pipeline's run folder is read
+through its ``variants.json`` (:mod:`reamkit.report.pick`: ``--variant Q4_K_M`` or ``ream:Q4_K_M``, default the
+recommended variant).
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ def resolve_model(model: str | Path, variant: str | None = None) -> Path:
         return path
     if not path.is_dir():
         raise ReamkitError(f"{path} not found (expected a .gguf file or a run folder holding them)")
+    from ..report.pick import is_run_folder, pick_variant
+
+    if is_run_folder(path):                  # what the release pipeline wrote: its variants.json names the files
+        return pick_variant(path, variant).path
     found = variants(path)
     if not found:
         raise ReamkitError(f"no .gguf files in {path}")
