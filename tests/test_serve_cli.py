@@ -3,6 +3,8 @@ work, the loopback default and the warning for an open bind, and the printed cli
 
 from __future__ import annotations
 
+import tomllib
+
 import pytest
 from typer.testing import CliRunner
 
@@ -94,6 +96,11 @@ def test_print_client_config(client, tmp_path):
     if client == "claude-code":
         assert "ANTHROPIC_BASE_URL=http://127.0.0.1:9123\n" in text      # no /v1 for the Anthropic SDK
         assert "ANTHROPIC_DEFAULT_HAIKU_MODEL=coder-q4" in text
+    elif client == "codex":
+        config = tomllib.loads(text.split("# and in the shell")[0])
+        provider = config["model_providers"][config["model_provider"]]
+        assert provider["wire_api"] == "responses" and provider["base_url"] == "http://127.0.0.1:9123/v1"
+        assert f"export {provider['env_key']}=sekret\n" in text and config["model"] == "coder-q4"
     else:
         assert "http://127.0.0.1:9123/v1" in text
 
