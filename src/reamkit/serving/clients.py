@@ -35,7 +35,6 @@ def client_config(client: str, url: str, model: str, n_ctx: int, api_key: str | 
             f'model = "{model}"',
             'model_provider = "reamkit"',
             f"model_context_window = {n_ctx}",
-            f"model_max_output_tokens = {max_out}",
             "",
             "[model_providers.reamkit]",
             'name = "reamkit serve"',
