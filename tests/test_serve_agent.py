@@ -1,10 +1,10 @@
-"""A real coding agent end to end: Claude Code, installed once from npm into the reamkit cache, pointed at
-``reamkit serve`` the way ``--print-client-config claude-code`` says, answers a one-shot prompt; the server's
-log shows the request and the answer.
+"""Real coding agents end to end: Claude Code and Codex CLI, each installed once from npm into the reamkit cache
+and pointed at ``reamkit serve`` the way ``--print-client-config`` says, answer a one-shot prompt (Messages API,
+Responses API); the server's log shows the request and the answer.
 
 The tiny model never chooses to stop, so this server biases ``<|im_end|>`` up (llama-server's own
 ``--logit-bias``): answers end after a few tokens with ``end_turn``, as a real model's would. Claude Code's
-system prompt and tool list are ~19k tokens; the model's 64k context holds them.
+system prompt and tool list are ~19k tokens, Codex's ~10k; the model's 64k context holds them.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def test_claude_code_one_shot_prompt(tiny_coder_gguf, tmp_path):
 
 def codex_turn(gguf: Path, tmp: Path, *serve_args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     """``codex exec`` of the pinned Codex CLI, configured as ``--print-client-config codex`` says, through a
-    ``reamkit serve`` given ``serve_args``; its run and the server's ``/v1/responses`` log lines."""
+    ``reamkit serve`` given ``serve_args``; its run (JSON events) and the server's ``/v1/responses`` log lines."""
     codex = npm_agent("@openai/codex", CODEX_VERSION, "codex")
     s = Served(gguf, tmp, "--llama-arg=--logit-bias", f"--llama-arg={EOS_ID}+10", *serve_args,
                ctx=65536, parallel=1, threads=2)
@@ -72,15 +72,27 @@ def codex_turn(gguf: Path, tmp: Path, *serve_args: str) -> tuple[subprocess.Comp
         work = tmp / "work"
         work.mkdir()
         # --strict-config: every key of the printed configuration is one this Codex version knows
-        run = subprocess.run([str(codex), "exec", "--strict-config", "--skip-git-repo-check", PROMPT], cwd=work,
-                             env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
-        return run, [ln for ln in s.log.splitlines() if "/v1/responses" in ln]
+        run = subprocess.run([str(codex), "exec", "--json", "--strict-config", "--skip-git-repo-check", PROMPT],
+                             cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
+        return run, [ln for ln in s.log.splitlines() if "POST /v1/responses" in ln]
     finally:
         s.stop()
 
 
 def test_codex_exec_one_shot_prompt(tiny_coder_gguf, tmp_path):
-    run, requests = codex_turn(tiny_coder_gguf, tmp_path)
+    check_codex_turn(tiny_coder_gguf, tmp_path)
+
+
+def check_codex_turn(gguf: Path, tmp: Path, *serve_args: str) -> None:
+    run, requests = codex_turn(gguf, tmp, *serve_args)
     assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-3000:], requests)
-    assert any(PROMPT in ln for ln in requests), requests
+    events = [json.loads(ln) for ln in run.stdout.splitlines() if ln.startswith("{")]
+    turns = [e["type"] for e in events if e["type"].startswith("turn.")]
+    assert turns[-1:] == ["turn.completed"] and "turn.failed" not in turns, events
     assert requests and all("-> 200" in ln for ln in requests), requests
+    assert any(f'asked: "{PROMPT}"' in ln for ln in requests), requests
+    # what Codex reports as the model's message is what the server answered (the log JSON-escapes it)
+    said = [e["item"]["text"] for e in events if e["type"] == "item.completed"
+            and e["item"].get("type") == "agent_message"]
+    answer = json.dumps(" ".join(said[-1].split())[:60], ensure_ascii=False)[1:-1] if said else None
+    assert answer and any(f'answered: "{answer}' in ln for ln in requests), (said, requests)
