@@ -183,6 +183,7 @@ def run_both(work: Path, files: tuple[str, ...] = FILES, select: str | None = No
         sides[side] = run_side(side, work, files, select, test_timeout, timeout)
         times[side] = time.monotonic() - start
 
+    suite_source(), suite_python(), demo_gguf()      # made (once) before the sides share them
     threads = [threading.Thread(target=run, args=(side,)) for side in ("llama-server", "reamkit")]
     for t in threads:
         t.start()
