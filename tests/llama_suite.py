@@ -41,14 +41,19 @@ KV_UNIFIED = ("reamkit serve starts llama-server with --kv-unified: the slots sh
               "by the slots")
 TEMPLATE_FILE = ("reamkit serve takes a chat template from the GGUF or a file (--chat-template-file) only; "
                  "llama-server's --chat-template (a built-in name or an inline template) is refused at start")
+UNSAFE = ("reamkit serve refuses llama-server's options that let a request act on the machine: --tools "
+          "(server-side tools: shell, files) and --ui-mcp-proxy (/cors-proxy fetches any URL for the caller)")
 DIFFERENCES: dict[str, str] = {
     "test_basic.py::test_server_multiple_addresses": ONE_HOST,
     "test_basic.py::test_server_props": KV_UNIFIED,
     "test_basic.py::test_server_slots": KV_UNIFIED,
     "test_chat_completion.py::test_context_size_exceeded*": KV_UNIFIED,
+    "test_completion.py::test_nocache_long_input_prompt": KV_UNIFIED,       # fits the whole context, not a slot's
     "test_chat_completion.py::test_chat_template": TEMPLATE_FILE,
     "test_chat_completion.py::test_chat_template_continue_final_message_mutual_exclusion": TEMPLATE_FILE,
     "test_chat_completion.py::test_apply_chat_template": TEMPLATE_FILE,
+    "test_security.py::test_cors_origins_defaults_to_localhost_with_tools_enabled": UNSAFE,
+    "test_security.py::test_cors_proxy_only_forwards_explicit_proxy_headers": UNSAFE,
 }
 
 
