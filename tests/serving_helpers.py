@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -148,3 +149,39 @@ def write_tool() -> dict:
 def anthropic_tool(tool: dict) -> dict:
     fn = tool["function"]
     return {"name": fn["name"], "description": fn["description"], "input_schema": fn["parameters"]}
+
+
+def npm_agent(package: str, version: str, binary: str) -> Path:
+    """A coding agent's pinned npm ``package``, installed once (atomically) under the reamkit cache; the path of
+    its ``binary``."""
+    from reamkit.zoo import cache_root
+
+    home = cache_root() / "agents" / f"{package.rsplit('/', 1)[-1]}-{version}"
+    path = home / "node_modules" / ".bin" / binary
+    if path.exists():
+        return path
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip(f"npm is not installed: the agent test installs {package} from the npm registry")
+    home.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{home.name}.tmp-", dir=home.parent))
+    try:
+        subprocess.run([npm, "install", "--prefix", str(tmp), "--no-audit", "--no-fund", "--loglevel=error",
+                        f"{package}@{version}"], check=True, timeout=900)
+        os.replace(tmp, home)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def agent_env(exports: str, home: Path, drop: tuple[str, ...]) -> dict:
+    """This process's environment less the variables starting with ``drop``, plus the ``export NAME=value`` lines
+    of a printed client configuration, with ``HOME`` in the test's folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    for line in exports.splitlines():
+        if line.startswith("export "):
+            key, value = line[len("export "):].split("#")[0].strip().split("=", 1)
+            env[key] = value
+    home.mkdir(parents=True, exist_ok=True)
+    env["HOME"] = str(home)
+    return env

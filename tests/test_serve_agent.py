@@ -1,53 +1,34 @@
-"""A real coding agent end to end: Claude Code, installed once from npm into the reamkit cache, pointed at
-``reamkit serve`` the way ``--print-client-config claude-code`` says, answers a one-shot prompt; the server's
-log shows the request and the answer.
+"""Real coding agents end to end: Claude Code and Codex CLI, each installed once from npm into the reamkit cache
+and pointed at ``reamkit serve`` the way ``--print-client-config`` says, answer a one-shot prompt (Messages API,
+Responses API); the server's log shows the request and the answer.
 
 The tiny model never chooses to stop, so this server biases ``<|im_end|>`` up (llama-server's own
 ``--logit-bias``): answers end after a few tokens with ``end_turn``, as a real model's would. Claude Code's
-system prompt and tool list are ~19k tokens; the model's 64k context holds them.
+system prompt and tool list are ~19k tokens, Codex's ~10k; the model's 64k context holds them.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import tempfile
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from reamkit.serving import client_config
 
-from .serving_helpers import EOS_ID, KEY, Served, tiny_coder_gguf  # noqa: F401
+from .serving_helpers import EOS_ID, KEY, Served, agent_env, npm_agent, tiny_coder_gguf  # noqa: F401
 
 pytestmark = pytest.mark.agent          # needs the npm registry the first time (then cached)
 
 CLAUDE_CODE_VERSION = "2.1.328"
+CODEX_VERSION = "0.171.0"
 PROMPT = "Reply with one short word."
 
 
 def claude_code() -> Path:
-    """The pinned Claude Code CLI, installed once (atomically) under the reamkit cache."""
-    from reamkit.zoo import cache_root
-
-    home = cache_root() / "agents" / f"claude-code-{CLAUDE_CODE_VERSION}"
-    binary = home / "node_modules" / ".bin" / "claude"
-    if binary.exists():
-        return binary
-    npm = shutil.which("npm")
-    if npm is None:
-        pytest.skip("npm is not installed: the agent test installs Claude Code from the npm registry")
-    home.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{home.name}.tmp-", dir=home.parent))
-    try:
-        subprocess.run([npm, "install", "--prefix", str(tmp), "--no-audit", "--no-fund", "--loglevel=error",
-                        f"@anthropic-ai/claude-code@{CLAUDE_CODE_VERSION}"], check=True, timeout=900)
-        os.replace(tmp, home)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return binary
+    return npm_agent("@anthropic-ai/claude-code", CLAUDE_CODE_VERSION, "claude")
 
 
 def test_claude_code_one_shot_prompt(tiny_coder_gguf, tmp_path):
@@ -55,16 +36,11 @@ def test_claude_code_one_shot_prompt(tiny_coder_gguf, tmp_path):
     s = Served(tiny_coder_gguf, tmp_path, f"--llama-arg=--logit-bias", f"--llama-arg={EOS_ID}+10",
                ctx=65536, parallel=1, threads=2)
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_"))}
-        for line in client_config("claude-code", s.url, "tiny-coder", 65536, KEY).splitlines():
-            if line.startswith("export "):
-                key, value = line[len("export "):].split("#")[0].strip().split("=", 1)
-                env[key] = value
-        home = tmp_path / "home"
+        env = agent_env(client_config("claude-code", s.url, "tiny-coder", 65536, KEY), tmp_path / "home",
+                        ("ANTHROPIC_", "CLAUDE_"))
+        env["DISABLE_AUTOUPDATER"] = "1"
         work = tmp_path / "work"
-        home.mkdir()
         work.mkdir()
-        env.update(HOME=str(home), DISABLE_AUTOUPDATER="1")
         run = subprocess.run([str(claude), "-p", PROMPT, "--max-turns", "1"], cwd=work, env=env,
                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
         log = s.log
@@ -78,3 +54,45 @@ def test_claude_code_one_shot_prompt(tiny_coder_gguf, tmp_path):
         assert answer and any(f'answered: "{answer}' in ln for ln in requests), (answer, requests)
     finally:
         s.stop()
+
+
+def codex_turn(gguf: Path, tmp: Path, *serve_args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """``codex exec`` of the pinned Codex CLI, configured as ``--print-client-config codex`` says, through a
+    ``reamkit serve`` given ``serve_args``; its run (JSON events) and the server's ``/v1/responses`` log lines."""
+    codex = npm_agent("@openai/codex", CODEX_VERSION, "codex")
+    s = Served(gguf, tmp, "--llama-arg=--logit-bias", f"--llama-arg={EOS_ID}+10", *serve_args,
+               ctx=65536, parallel=1, threads=2)
+    try:
+        config, shell = client_config("codex", s.url, "tiny-coder", 65536, KEY).split("# and in the shell")
+        assert tomllib.loads(config)["model_providers"]["reamkit"]["wire_api"] == "responses"
+        env = agent_env(shell, tmp / "home", ("OPENAI_", "CODEX_"))
+        env["CODEX_HOME"] = str(tmp / "codex-home")
+        (tmp / "codex-home").mkdir()
+        (tmp / "codex-home" / "config.toml").write_text(config)
+        work = tmp / "work"
+        work.mkdir()
+        # --strict-config: every key of the printed configuration is one this Codex version knows
+        run = subprocess.run([str(codex), "exec", "--json", "--strict-config", "--skip-git-repo-check", PROMPT],
+                             cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
+        return run, [ln for ln in s.log.splitlines() if "POST /v1/responses" in ln]
+    finally:
+        s.stop()
+
+
+def test_codex_exec_one_shot_prompt(tiny_coder_gguf, tmp_path):
+    check_codex_turn(tiny_coder_gguf, tmp_path)
+
+
+def check_codex_turn(gguf: Path, tmp: Path, *serve_args: str) -> None:
+    run, requests = codex_turn(gguf, tmp, *serve_args)
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-3000:], requests)
+    events = [json.loads(ln) for ln in run.stdout.splitlines() if ln.startswith("{")]
+    turns = [e["type"] for e in events if e["type"].startswith("turn.")]
+    assert turns[-1:] == ["turn.completed"] and "turn.failed" not in turns, events
+    assert requests and all("-> 200" in ln for ln in requests), requests
+    assert any(f'asked: "{PROMPT}"' in ln for ln in requests), requests
+    # what Codex reports as the model's message is what the server answered (the log JSON-escapes it)
+    said = [e["item"]["text"] for e in events if e["type"] == "item.completed"
+            and e["item"].get("type") == "agent_message"]
+    answer = json.dumps(" ".join(said[-1].split())[:60], ensure_ascii=False)[1:-1] if said else None
+    assert answer and any(f'answered: "{answer}' in ln for ln in requests), (said, requests)

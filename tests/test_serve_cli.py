@@ -3,6 +3,9 @@ work, the loopback default and the warning for an open bind, and the printed cli
 
 from __future__ import annotations
 
+import json
+import tomllib
+
 import pytest
 from typer.testing import CliRunner
 
@@ -100,9 +103,36 @@ def test_print_client_config(client, tmp_path):
     if client == "claude-code":
         assert "ANTHROPIC_BASE_URL=http://127.0.0.1:9123\n" in text      # no /v1 for the Anthropic SDK
         assert "ANTHROPIC_DEFAULT_HAIKU_MODEL=coder-q4" in text
+    elif client == "codex":
+        config = tomllib.loads(text.split("# and in the shell")[0])
+        provider = config["model_providers"][config["model_provider"]]
+        assert provider["wire_api"] == "responses" and provider["base_url"] == "http://127.0.0.1:9123/v1"
+        assert f"export {provider['env_key']}=sekret\n" in text and config["model"] == "coder-q4"
     else:
         assert "http://127.0.0.1:9123/v1" in text
 
 
 def test_client_config_without_key_still_gives_one():
     assert "OPENAI_API_KEY=reamkit" in client_config("aider", "http://127.0.0.1:8080", "m", 32768)
+
+
+def test_verbose_log_reads_responses_api_requests_and_answers():
+    from reamkit.serving.requestlog import summary
+
+    body = {"model": "m", "input": [
+        {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "rules"}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "<env/>"},
+                                                        {"type": "input_text", "text": "Say hi."}]}]}
+    events = [{"type": "response.created", "response": {"output": []}},
+              {"type": "response.output_text.delta", "delta": "Hel"},
+              {"type": "response.output_text.delta", "delta": "lo"},
+              {"type": "response.output_item.added", "item": {"type": "function_call", "name": "shell"}},
+              {"type": "response.function_call_arguments.delta", "delta": "{\"cmd\""},
+              {"type": "response.completed", "response": {"output": [{"type": "message", "content": [
+                  {"type": "output_text", "text": "Hello"}]}]}}]
+    stream = b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+    assert summary(body, stream) == 'fields: model,input | asked: "Say hi." | answered: "Hello[call shell]"'
+    whole = {"output": [{"type": "reasoning", "content": []},
+                        {"type": "message", "content": [{"type": "output_text", "text": "Hi"}]},
+                        {"type": "function_call", "name": "shell", "arguments": "{}"}]}
+    assert summary({"input": "Say hi."}, json.dumps(whole).encode()).endswith('asked: "Say hi." | answered: "Hi[call shell]"')

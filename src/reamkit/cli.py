@@ -143,6 +143,7 @@ def demo(
 
 class AgentClient(str, Enum):
     claude_code = "claude-code"
+    codex = "codex"
     cline = "cline"
     continue_ = "continue"
     aider = "aider"
@@ -202,7 +203,7 @@ def serve(
                   highlight=False, soft_wrap=True)
         err.print(f"  OpenAI:    {url}/v1   Anthropic: {url}   key: {'required' if api_key else 'none'}",
                   markup=False, highlight=False, soft_wrap=True)
-        err.print("  client settings: reamkit serve --print-client-config claude-code|cline|continue|aider",
+        err.print("  client settings: reamkit serve --print-client-config claude-code|codex|cline|continue|aider",
                   markup=False, highlight=False, soft_wrap=True)
 
     code = run_server(model, opts, variant=variant, on_ready=ready)

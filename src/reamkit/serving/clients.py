@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-CLIENTS = ("claude-code", "cline", "continue", "aider")
+CLIENTS = ("claude-code", "codex", "cline", "continue", "aider")
 PLACEHOLDER_KEY = "reamkit"
 
 
@@ -28,6 +28,23 @@ def client_config(client: str, url: str, model: str, n_ctx: int, api_key: str | 
             "export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
             "export API_TIMEOUT_MS=600000",
             "claude",
+        ])
+    if client == "codex":
+        return "\n".join([
+            "# Codex CLI speaks the OpenAI Responses API. In ~/.codex/config.toml (top-level keys above any [table]):",
+            f'model = "{model}"',
+            'model_provider = "reamkit"',
+            f"model_context_window = {n_ctx}",
+            "",
+            "[model_providers.reamkit]",
+            'name = "reamkit serve"',
+            f'base_url = "{url}/v1"',
+            'env_key = "REAMKIT_API_KEY"',
+            'wire_api = "responses"',
+            "",
+            "# and in the shell that runs it:",
+            f"export REAMKIT_API_KEY={key}",
+            "codex",
         ])
     if client == "cline":
         return "\n".join([

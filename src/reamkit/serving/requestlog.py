@@ -69,7 +69,7 @@ def _collect(d: dict, parts: list) -> None:
         if kind == "response.output_item.added" and item.get("type") == "function_call":
             parts.append(f"[call {item.get('name')}]")
         return
-    if d.get("object") == "response":                                  # a whole Responses answer
+    if d.get("object") == "response" or isinstance(d.get("output"), list):   # a whole Responses answer
         for item in d.get("output") or []:
             item = _obj(item)
             if item.get("type") == "function_call":
