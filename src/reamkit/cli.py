@@ -271,7 +271,7 @@ def compress(
     batch_size: Annotated[int, typer.Option(help="sequences per calibration batch")] = 8,
     seed: Annotated[int, typer.Option(help="seed of the calibration sampling and the method")] = 0,
     ream_variant: Annotated[str, typer.Option(help="REAM: paper, or reference (the released code's behaviour)")] = "paper",
-    group_size: Annotated[int, typer.Option(help="REAM: largest merge group (0: every expert joins its nearest centroid)")] = 16,
+    group_size: Annotated[str, typer.Option(help="REAM: largest merge group (0: every expert joins its nearest centroid; auto: chosen per layer by measured error)")] = "16",
     merging: Annotated[str, typer.Option(help="REAM: logits+weights, weights, logits, avg or none")] = "logits+weights",
     sequential: Annotated[bool | None, typer.Option("--sequential/--no-sequential", help="next layer sees the compressed layer (default: REAM yes, pruning no)")] = None,
     drop_mtp: Annotated[bool, typer.Option("--drop-mtp", help="remove the multi-token-prediction block")] = False,
@@ -288,7 +288,9 @@ def compress(
     from .compression import CompressOptions
     from .compression import compress as run_compress
 
-    mopts = {"variant": ream_variant, "group_size": group_size, "merging": merging} if method == "ream" else {}
+    size = group_size if group_size == "auto" or not group_size.isdigit() else int(group_size)
+    mopts = ({"variant": ream_variant, "group_size": size, "merging": merging} if method == "ream" else
+             {"variant": ream_variant, "merging": merging} if method == "auto" else {})
     opts = CompressOptions(method=method, experts=experts, ratio=ratio, method_options=mopts, calib=calib,
                            samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, device=device,
                            compute_dtype=dtype, output_dtype=output_dtype, sequential=sequential, drop_mtp=drop_mtp,
