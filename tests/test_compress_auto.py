@@ -14,7 +14,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from reamkit.compression import CompressOptions, compress
-from reamkit.compression.candidates import Scorer, block_output, heldout_batches, parse
+from reamkit.compression.candidates import HELDOUT_TOKENS, Scorer, block_output, heldout_batches, heldout_rows, parse
 from reamkit.compression.methods import MethodInput, get_method, method_options
 from reamkit.errors import ReamkitError
 from reamkit.report.card import _layer_plan_lines, compression_facts
@@ -88,6 +88,10 @@ def test_candidates_parse_and_refuse():
             parse(bad, 16, 12, {})
     assert heldout_batches(16, 0.25) == {3, 7, 11, 15} and heldout_batches(1, 0.25) == set()
     assert heldout_batches(4, 0.25) == {3} and heldout_batches(3, 0) == set()
+    x = torch.arange(40000.0)[:, None].repeat(1, 2)
+    few, thin = heldout_rows(x[:100], 4, 0), heldout_rows(x, 4, 0)
+    assert torch.equal(few, x[:100]) and thin.shape == (HELDOUT_TOKENS // 4, 2)
+    assert thin[:, 0].unique().numel() == len(thin)                  # distinct positions of the batch
 
 
 def test_ream_group_size_auto_chooses_among_group_sizes():
@@ -195,3 +199,12 @@ def test_reference_alignment_matches_the_released_code_and_recovers_planted_perm
     assert acts[0].shape == (4 * per, D)
     assert torch.allclose(acts[0][:per], block.expert_hidden(batches[0][pos0], torch.tensor([0]))[0], atol=1e-5)
     assert not torch.allclose(acts[8][:per], block.expert_hidden(batches[0][pos0], torch.tensor([8]))[0], atol=1e-3)
+
+
+def test_auto_without_a_batch_to_hold_out_is_refused_before_work(tmp_path):
+    from reamkit.zoo import build_cached
+
+    with pytest.raises(ReamkitError, match="held-out calibration batches"):
+        compress(build_cached("qwen3_moe"), tmp_path / "out", CompressOptions(method="auto", ratio=0.25, samples=4,
+                                                                              seq_len=32, batch_size=8))
+    assert not (tmp_path / "out").exists()

@@ -8,7 +8,8 @@ one (every C >= N - k + 1 puts all removed experts with the top centroid) are sc
 The score of a plan is the relative squared error of the MoE block's output on the held-out inputs:
 sum_x ||y(x) - y'(x)||^2 / sum_x ||y(x)||^2, with y the original block (router-weighted routed experts plus
 the shared-expert term) and y' the compressed one on the same inputs x. The held-out inputs are the MoE
-inputs of calibration batches that the statistics the plans are made from never saw (:mod:`.layerpass`).
+inputs of calibration batches that the statistics the plans are made from never saw (:mod:`.layerpass`),
+at most :data:`HELDOUT_TOKENS` positions per layer.
 """
 
 from __future__ import annotations
@@ -70,6 +71,18 @@ def heldout_batches(n: int, fraction: float) -> set[int]:
         return set()
     held = {j for j in range(n) if int((j + 1) * fraction) > int(j * fraction)} or {n - 1}
     return held if len(held) < n else set(range(1, n, 2))
+
+
+HELDOUT_TOKENS = 32768          # held-out MoE inputs kept per layer at most (268 MB at hidden size 2048)
+
+
+def heldout_rows(x: torch.Tensor, batches: int, seed: int) -> torch.Tensor:
+    """A copy of the held-out batch's MoE inputs [T, H], thinned to its share of :data:`HELDOUT_TOKENS`."""
+    per = max(1, HELDOUT_TOKENS // max(1, batches))
+    if x.shape[0] <= per:
+        return x.clone()
+    pos = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:per]
+    return x[pos.to(x.device)].clone()
 
 
 def compressed_block(block: MoEBlock, plan: LayerPlan) -> MoEBlock:

@@ -35,7 +35,7 @@ from ..fsutil import atomic_file
 from ..models.moe import MoEBlock, capture_moe_input
 from ..runtime import LayerwiseModel
 from .cache import ActivationCache
-from .candidates import heldout_batches
+from .candidates import heldout_batches, heldout_rows
 from .methods import MethodInput, holdout_fraction
 from .observe import ExpertStats, ObserveOptions
 from .plan import LayerPlan, apply_plan
@@ -197,7 +197,7 @@ class _Pass:
                 out = lw.run_layer(layer, bi, hidden[j], ctx(hidden[j]))
                 x = seen.pop()
                 if j in held:
-                    heldout.append(x.reshape(-1, x.shape[-1]).clone())
+                    heldout.append(heldout_rows(x.reshape(-1, x.shape[-1]), len(held), seed + j))
                 else:
                     stats.observe(block, x.reshape(-1, x.shape[-1]))
                 if self.sequential or nxt is None:
