@@ -133,7 +133,7 @@ def test_auto_through_the_pass_reports_each_layer_and_the_card_shows_it(tmp_path
 
 
 # ---------------------------------------------------------------------- REAM reference alignment
-def released_alignment(block, batches, centroid, members, per, seed, pca_dim):
+def released_alignment(block, batches, pairs, per, seed, pca_dim):
     """The released code's alignment, written again from its description: every expert's per-neuron rows
     concat(W_gate[a], W_up[a], W_down[:, a]) normalised, centred, projected by torch.pca_lowrank (niter 2,
     seeded 0) as x @ (V * s) and normalised again; activations sampled per batch at a fresh permutation for
@@ -154,7 +154,7 @@ def released_alignment(block, batches, centroid, members, per, seed, pca_dim):
             acts[i].append(h)
     act = {i: torch.nn.functional.normalize(torch.cat(v).T, dim=-1) for i, v in acts.items()}
     perms = []
-    for j in members:
+    for centroid, j in pairs:
         cost = torch.cdist(act[centroid].double(), act[j].double()) + torch.cdist(w[centroid].double(),
                                                                                  w[j].double())
         perms.append(linear_sum_assignment(cost.numpy())[1].tolist())
@@ -183,9 +183,10 @@ def test_reference_alignment_matches_the_released_code_and_recovers_planted_perm
     paper = get_method("ream").plan_layer(MethodInput(st, block, 8, method_options("ream", {"group_size": 2}),
                                                       sequences=64))
     assert sorted(tuple(sorted(g.members)) for g in plan.groups) == [(j, 8 + j) for j in range(8)]
-    for g in plan.groups:
+    again = released_alignment(block, batches, [tuple(g.members) for g in plan.groups], per, 0, 64)
+    for g, perm_again in zip(plan.groups, again):
         (c, m), perm = g.members, g.perms[1]
-        assert perm == released_alignment(block, batches, c, [m], per, 0, 64)[0]
+        assert perm == perm_again
         # merged neuron a of the centroid is matched with the copy's neuron that holds it
         assert perm == np.argsort(planted[m]).tolist()
     assert [g.perms for g in plan.groups] == [g.perms for g in paper.groups]   # same answer, other features
@@ -208,3 +209,22 @@ def test_auto_without_a_batch_to_hold_out_is_refused_before_work(tmp_path):
         compress(build_cached("qwen3_moe"), tmp_path / "out", CompressOptions(method="auto", ratio=0.25, samples=4,
                                                                               seq_len=32, batch_size=8))
     assert not (tmp_path / "out").exists()
+
+
+def test_reference_alignment_matches_the_released_code_on_unrelated_experts():
+    """Without a planted answer the permutations depend on every detail of the features: the reference
+    variant's equal the re-implementation's, and differ from the paper variant's."""
+    gen = torch.Generator().manual_seed(15)
+    block, x = make_block(gen), tokens(gen, 2048)
+    batches = list(x.chunk(4))
+    st = observe(block, x, batches=4)
+    per = st.options.activation_samples // st.batches
+    ref = get_method("ream").plan_layer(MethodInput(st, block, 8, method_options(
+        "ream", {"variant": "reference", "group_size": 2}), sequences=64, moe_inputs=lambda: iter(batches)))
+    paper = get_method("ream").plan_layer(MethodInput(st, block, 8, method_options(
+        "ream", {"variant": "reference", "group_size": 2}), sequences=64))      # shared positions, same groups
+    merged = [g for g in ref.groups if len(g.members) > 1]
+    assert merged and [g.members for g in merged] == [g.members for g in paper.groups if len(g.members) > 1]
+    again = released_alignment(block, batches, [tuple(g.members) for g in merged], per, 0, 64)
+    assert [g.perms[1] for g in merged] == again
+    assert [g.perms[1] for g in merged] != [g.perms[1] for g in paper.groups if len(g.members) > 1]
