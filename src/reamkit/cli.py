@@ -262,7 +262,7 @@ def sizes(
 def compress(
     model: Annotated[str, typer.Argument(help="Hugging Face model folder (or hf:org/name)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="folder for the compressed model")],
-    method: Annotated[str, typer.Option(help="ream, reap, frequency, hc-smoe or m-smoe")] = "ream",
+    method: Annotated[str, typer.Option(help="auto (per layer, REAP or REAM, whichever measures better), ream, reap, frequency, hc-smoe or m-smoe")] = "auto",
     experts: Annotated[int | None, typer.Option(help="experts kept per layer")] = None,
     ratio: Annotated[float | None, typer.Option(help="or: fraction of experts removed (0.25: 512 -> 384)")] = None,
     calib: Annotated[str, typer.Option(help="calibration mix: built-in code/math, local paths, datasets")] = "code=0.7,math=0.3",
@@ -422,7 +422,7 @@ def release(
     model: Annotated[str, typer.Argument(help="Hugging Face model folder, or hf:ORG/NAME")],
     output: Annotated[Path, typer.Option("-o", "--output", help="run folder (resumable: rerun to continue)")] = Path("reamkit-run"),
     name: Annotated[str | None, typer.Option(help="file-name stem of the outputs (default: the model folder's name)")] = None,
-    methods: Annotated[str, typer.Option(help="compression methods to compare, comma-separated ('' for none)")] = "ream,reap",
+    methods: Annotated[str, typer.Option(help="compression methods to compare, comma-separated ('' for none)")] = "auto,reap",
     experts: Annotated[int | None, typer.Option(help="experts kept per layer")] = None,
     ratio: Annotated[float | None, typer.Option(help="fraction of experts removed (default 0.25)")] = None,
     calib: Annotated[str, typer.Option(help="calibration mixture")] = "code=0.7,math=0.3",
