@@ -1,24 +1,32 @@
 #!/usr/bin/env python3
 """How far each compression method moves a model: KL divergence from the uncompressed model on held-out code
-and held-out math (the corpora's evaluation part, never calibration text), every method at 25 % fewer experts.
+and held-out math (the corpora's evaluation part, never calibration text), and top-1 agreement.
 
-    python bench/compress_quality.py [--models qwen3_next,qwen3_moe,mixtral,demo] [--samples 32]
+    python bench/compress_quality.py [--models demo,qwen3_next,qwen3_moe,mixtral] [--samples 128 --seq-len 512]
+        [--methods auto,reap,ream:2,ream:4,ream:8,ream:16,ream-ref:2,frequency,hc-smoe,m-smoe]
+        [--windows 16 --window-len 128] [--ratio 0.25] [--save results.json]
 
-Prints one table per model: mean KL (nats/token) and top-1 agreement with the uncompressed model. On the
-random-weight zoo models the numbers say little about real models (unrelated experts average badly); the
+A method is a name (``auto``, ``reap``, ``frequency``, ``hc-smoe``, ``m-smoe``, ``ream`` with its defaults) or
+``ream:C`` / ``ream-ref:C`` (REAM's paper / reference variant with group size C). Every figure is a mean over
+held-out sequences with its standard error (over sequences); the last columns compare each method with the
+first one listed on the same sequences: the paired difference of KL and its standard error (positive: the
+first method is better). ``--save`` keeps every method's per-sequence KL, so a rerun with more methods only
+compresses the new ones. On the random-weight zoo models the numbers say little about real models; the
 trained demo model is the meaningful row.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-METHODS = ["ream", "reap", "frequency", "hc-smoe", "m-smoe"]
+METHODS = "auto,reap,ream:2,ream:4,ream:8,ream:16,ream-ref:2,ream-ref:16,frequency,hc-smoe,m-smoe"
 
 
 def heldout_ids(model_dir: Path, kind: str, windows: int, seq_len: int) -> torch.Tensor:
@@ -44,36 +52,98 @@ def logprobs(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.log_softmax(lw.forward(ids[i:i + 4]).double(), -1) for i in range(0, len(ids), 4)])
 
 
+def method_options(spec: str) -> tuple[str, dict]:
+    if spec.startswith(("ream:", "ream-ref:")):
+        name, size = spec.split(":")
+        return "ream", {"group_size": size if size == "auto" else int(size),
+                        "variant": "reference" if name == "ream-ref" else "paper"}
+    return spec, {}
+
+
+def per_sequence(ref: torch.Tensor, got: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Mean KL(ref || got) and top-1 agreement of each sequence [S, T, V] -> ([S], [S])."""
+    kl = (ref.exp() * (ref - got)).sum(-1).mean(-1)
+    agree = (ref.argmax(-1) == got.argmax(-1)).double().mean(-1)
+    return kl.tolist(), agree.tolist()
+
+
+def mean_se(v: list[float]) -> tuple[float, float]:
+    t = torch.tensor(v, dtype=torch.float64)
+    return float(t.mean()), float(t.std() / len(t) ** 0.5) if len(t) > 1 else float("nan")
+
+
+def table(results: dict, order: list[str]) -> str:
+    first = order[0]
+    lines = [f"| method | KL code | KL math | top-1 code | top-1 math | {first} better by (code) | (math) | s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in order:
+        r = results[m]
+        cells = []
+        for k in ("kl", "top1"):
+            for dom in ("code", "math"):
+                mu, se = mean_se(r[dom][k])
+                cells.append(f"{mu:.4f} ± {se:.4f}" if k == "kl" else f"{mu:.1%} ± {se:.1%}")
+        for dom in ("code", "math"):
+            diff = [b - a for a, b in zip(results[first][dom]["kl"], r[dom]["kl"])]
+            mu, se = mean_se(diff)
+            cells.append("-" if m == first else f"{mu:+.4f} ± {se:.4f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {r.get('seconds', 0):.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     from reamkit.compression import CompressOptions, compress
     from reamkit.zoo import DEMO_MODEL, build_cached
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="qwen3_next,qwen3_moe,mixtral,demo")
-    ap.add_argument("--samples", type=int, default=32, help="calibration sequences of 256 tokens")
-    ap.add_argument("--windows", type=int, default=16, help="held-out windows of 256 tokens per domain")
+    ap.add_argument("--models", default="demo,qwen3_next,qwen3_moe,mixtral")
+    ap.add_argument("--methods", default=METHODS)
+    ap.add_argument("--samples", type=int, default=128, help="calibration sequences")
+    ap.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    ap.add_argument("--calib", default="code=0.7,math=0.3")
+    ap.add_argument("--ratio", type=float, default=0.25, help="fraction of experts removed")
+    ap.add_argument("--windows", type=int, default=16, help="held-out sequences per domain")
+    ap.add_argument("--window-len", type=int, default=128, help="tokens per held-out sequence")
+    ap.add_argument("--save", type=Path, help="JSON of per-sequence results, reused and extended by a rerun")
     a = ap.parse_args()
+    saved = json.loads(a.save.read_text()) if a.save and a.save.is_file() else {}
+    setup = {"samples": a.samples, "seq_len": a.seq_len, "calib": a.calib, "ratio": a.ratio, "windows": a.windows,
+             "window_len": a.window_len}
     work = Path(tempfile.mkdtemp(prefix="reamkit-quality-"))
+    order = a.methods.split(",")
     try:
         for name in a.models.split(","):
+            key = json.dumps({"model": name, **setup}, sort_keys=True)
+            results = saved.setdefault(key, {})
             src = DEMO_MODEL if name == "demo" else build_cached(name)
-            data = {k: heldout_ids(src, k, a.windows, 256) for k in ("code", "math")}
+            data = {k: heldout_ids(src, k, a.windows, a.window_len) for k in ("code", "math")}
             ref = {k: logprobs(src, v) for k, v in data.items()}
-            print(f"\n{name}: KL from the uncompressed model at 25% fewer experts "
-                  f"({a.windows} x 256 held-out tokens per domain)")
-            print(f"| method | KL code | KL math | top-1 code | top-1 math |\n|---|---|---|---|---|")
-            for method in METHODS:
-                out = work / f"{name}-{method}"
-                compress(src, out, CompressOptions(method=method, ratio=0.25, samples=a.samples, seq_len=256,
-                                                   batch_size=8))
-                row = []
-                agree = []
-                for k, v in data.items():
-                    got = logprobs(out, v)
-                    row.append((ref[k].exp() * (ref[k] - got)).sum(-1).mean().item())
-                    agree.append((ref[k].argmax(-1) == got.argmax(-1)).double().mean().item())
-                print(f"| {method} | {row[0]:.4f} | {row[1]:.4f} | {agree[0]:.1%} | {agree[1]:.1%} |", flush=True)
+            for spec in order:
+                if spec in results:
+                    continue
+                method, mopts = method_options(spec)
+                out = work / f"{name}-{spec.replace(':', '-')}"
+                t0 = time.time()
+                res = compress(src, out, CompressOptions(method=method, ratio=a.ratio, samples=a.samples,
+                                                         seq_len=a.seq_len, calib=a.calib, batch_size=8,
+                                                         method_options=mopts))
+                row: dict = {"seconds": time.time() - t0}
+                for dom, ids in data.items():
+                    kl, top1 = per_sequence(ref[dom], logprobs(out, ids))
+                    row[dom] = {"kl": kl, "top1": top1}
+                if method == "auto" or mopts.get("group_size") == "auto":
+                    row["choices"] = [lay.get("auto", {}).get("choice") for lay in res.report["layers"]]
+                results[spec] = row
+                print(f"{name} {spec}: KL code {mean_se(row['code']['kl'])[0]:.4f}, math "
+                      f"{mean_se(row['math']['kl'])[0]:.4f} ({row['seconds']:.0f} s)"
+                      + (f", per-layer choices {row['choices']}" if "choices" in row else ""), flush=True)
+                if a.save:
+                    a.save.write_text(json.dumps(saved))
                 shutil.rmtree(out)
+            print(f"\n{name}: {int(a.ratio * 100)}% fewer experts; calibration {a.calib}, {a.samples} x "
+                  f"{a.seq_len} tokens; held out {a.windows} x {a.window_len} tokens per domain; "
+                  "mean ± standard error over held-out sequences")
+            print(table(results, [m for m in order if m in results]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

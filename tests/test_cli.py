@@ -165,7 +165,7 @@ def test_demo_plans_the_whole_pipeline_on_the_trained_demo_model(tmp_path):
     from reamkit.zoo import write_demo_model
 
     plan = plan_for(validate(demo_config(write_demo_model(tmp_path / "demo-coder")), source="demo"))
-    assert {m["method"]: m["experts"] for m in plan.models.values()} == {"none": 16, "ream": 12, "reap": 12}
+    assert {m["method"]: m["experts"] for m in plan.models.values()} == {"none": 16, "auto": 12, "reap": 12}
     assert len(plan.variants) == 3 * 12                     # the 11-type ladder plus the BF16 reference, each
     assert {s.kind for s in plan.order()} == {"compress", "prepare", "quantize", "reference", "evaluate", "speed",
                                               "compare", "card"}

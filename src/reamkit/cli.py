@@ -266,7 +266,7 @@ def sizes(
 def compress(
     model: Annotated[str, typer.Argument(help="Hugging Face model folder (or hf:org/name)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="folder for the compressed model")],
-    method: Annotated[str, typer.Option(help="ream, reap, frequency, hc-smoe or m-smoe")] = "ream",
+    method: Annotated[str, typer.Option(help="auto (per layer, REAP or REAM, whichever measures better), ream, reap, frequency, hc-smoe or m-smoe")] = "auto",
     experts: Annotated[int | None, typer.Option(help="experts kept per layer")] = None,
     ratio: Annotated[float | None, typer.Option(help="or: fraction of experts removed (0.25: 512 -> 384)")] = None,
     calib: Annotated[str, typer.Option(help="calibration mix: built-in code/math, local paths, datasets")] = "code=0.7,math=0.3",
@@ -275,7 +275,7 @@ def compress(
     batch_size: Annotated[int, typer.Option(help="sequences per calibration batch")] = 8,
     seed: Annotated[int, typer.Option(help="seed of the calibration sampling and the method")] = 0,
     ream_variant: Annotated[str, typer.Option(help="REAM: paper, or reference (the released code's behaviour)")] = "paper",
-    group_size: Annotated[int, typer.Option(help="REAM: largest merge group (0: every expert joins its nearest centroid)")] = 16,
+    group_size: Annotated[str, typer.Option(help="REAM: largest merge group (0: every expert joins its nearest centroid; auto: chosen per layer by measured error)")] = "16",
     merging: Annotated[str, typer.Option(help="REAM: logits+weights, weights, logits, avg or none")] = "logits+weights",
     sequential: Annotated[bool | None, typer.Option("--sequential/--no-sequential", help="next layer sees the compressed layer (default: REAM yes, pruning no)")] = None,
     drop_mtp: Annotated[bool, typer.Option("--drop-mtp", help="remove the multi-token-prediction block")] = False,
@@ -292,7 +292,9 @@ def compress(
     from .compression import CompressOptions
     from .compression import compress as run_compress
 
-    mopts = {"variant": ream_variant, "group_size": group_size, "merging": merging} if method == "ream" else {}
+    size = group_size if group_size == "auto" or not group_size.isdigit() else int(group_size)
+    mopts = ({"variant": ream_variant, "group_size": size, "merging": merging} if method == "ream" else
+             {"variant": ream_variant, "merging": merging} if method == "auto" else {})
     opts = CompressOptions(method=method, experts=experts, ratio=ratio, method_options=mopts, calib=calib,
                            samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, device=device,
                            compute_dtype=dtype, output_dtype=output_dtype, sequential=sequential, drop_mtp=drop_mtp,
@@ -424,7 +426,7 @@ def release(
     model: Annotated[str, typer.Argument(help="Hugging Face model folder, or hf:ORG/NAME")],
     output: Annotated[Path, typer.Option("-o", "--output", help="run folder (resumable: rerun to continue)")] = Path("reamkit-run"),
     name: Annotated[str | None, typer.Option(help="file-name stem of the outputs (default: the model folder's name)")] = None,
-    methods: Annotated[str, typer.Option(help="compression methods to compare, comma-separated ('' for none)")] = "ream,reap",
+    methods: Annotated[str, typer.Option(help="compression methods to compare, comma-separated ('' for none)")] = "auto,reap",
     experts: Annotated[int | None, typer.Option(help="experts kept per layer")] = None,
     ratio: Annotated[float | None, typer.Option(help="fraction of experts removed (default 0.25)")] = None,
     calib: Annotated[str, typer.Option(help="calibration mixture")] = "code=0.7,math=0.3",

@@ -31,8 +31,10 @@ def weight_features(experts: Experts, idx: slice | torch.Tensor = slice(None)) -
     return F.normalize(feats, dim=-1)
 
 
-def _pca_basis(rows_of, n: int, rank: int, seed: int = 0, niter: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean [F] and the top ``rank`` principal directions [F, q] of the (centred) rows ``rows_of(slice)`` gives
+def _pca_basis(rows_of, n: int, rank: int, seed: int = 0, niter: int = 4
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean [F], the top ``rank`` principal directions [F, q] and their singular values [q] of the (centred)
+    rows ``rows_of(slice)`` gives
     for experts 0..n-1: the randomised SVD of ``torch.pca_lowrank`` (same random start for a seed, ``niter``
     power iterations), computed with the rows streamed a few experts at a time instead of held at once."""
     step = 2                                         # experts per block: 2 * D * 3H floats at a time
@@ -68,8 +70,8 @@ def _pca_basis(rows_of, n: int, rank: int, seed: int = 0, niter: int = 4) -> tup
     basis = torch.linalg.qr(times(start)).Q
     for _ in range(niter):
         basis = torch.linalg.qr(times(torch.linalg.qr(t_times(basis)).Q)).Q
-    _, _, vh = torch.linalg.svd(t_times(basis).T, full_matrices=False)
-    return mean.double(), vh.T.double()
+    _, sv, vh = torch.linalg.svd(t_times(basis).T, full_matrices=False)
+    return mean.double(), vh.T.double(), sv.double()
 
 
 class WeightFeatures:
@@ -83,11 +85,16 @@ class WeightFeatures:
 
 
 class PCAFeatures:
-    """Weight features projected by one PCA per layer, per expert on demand: ``feats[e]`` is [D, q]."""
+    """Weight features projected by one PCA per layer, per expert on demand: ``feats[e]`` is [D, q].
+    ``scaled=True`` projects onto the directions times their singular values, ``x @ (V * s)``, as the released
+    REAM code does (so a coordinate grows as U * S^2, not U * S, before the rows are normalised)."""
 
-    def __init__(self, experts: Experts, rank: int = 64, seed: int = 0):
+    def __init__(self, experts: Experts, rank: int = 64, seed: int = 0, niter: int = 4, scaled: bool = False):
         self.experts = experts
-        self.mean, self.basis = _pca_basis(lambda sl: weight_features(experts, sl), len(experts.gate), rank, seed)
+        self.mean, self.basis, sv = _pca_basis(lambda sl: weight_features(experts, sl), len(experts.gate), rank,
+                                               seed, niter)
+        if scaled:
+            self.basis = self.basis * sv[None]
 
     def __getitem__(self, e: int) -> torch.Tensor:
         rows = weight_features(self.experts, slice(e, e + 1))[0].double()
@@ -109,7 +116,7 @@ def pca_features(feats: torch.Tensor, rank: int = 64, seed: int = 0) -> torch.Te
     """Project [N, D, F] rows onto the top ``rank`` principal directions of all N * D rows (centred), then
     normalise each row again (the whole-layer form of :class:`PCAFeatures`)."""
     n, d, _ = feats.shape
-    mean, basis = _pca_basis(lambda sl: feats[sl], n, rank, seed)
+    mean, basis, _ = _pca_basis(lambda sl: feats[sl], n, rank, seed)
     return F.normalize((feats.double() - mean) @ basis, dim=-1).float()
 
 

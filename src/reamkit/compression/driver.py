@@ -30,7 +30,7 @@ from ..fsutil import write_json
 from ..manifest import Manifest, existing_output_is_current, manifest_path_for, write_manifest
 from ..models import Model, open_model
 from .layerpass import DTYPES, _Pass
-from .methods import get_method, method_options
+from .methods import get_method, holdout_fraction, method_options
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
@@ -109,6 +109,9 @@ def _check(model: Model, opts: CompressOptions) -> tuple[int, list[str], dict]:
     keep = resolve_target(n, adapter.routing(config).top_k, opts.experts, opts.ratio)
     if opts.samples * opts.seq_len < 2 * opts.batch_size or opts.samples < 1:
         raise ReamkitError(f"calibration set of {opts.samples} x {opts.seq_len} tokens is too small")
+    if holdout_fraction(mod, mopts) and -(-opts.samples // opts.batch_size) < 2:
+        raise ReamkitError(f"{opts.method} scores its plans on held-out calibration batches, but {opts.samples} "
+                           f"sequences make one batch of {opts.batch_size}", fix="give more --samples or a smaller --batch-size")
     mtp = [p for p in adapter.moe_groups(model.checkpoint) if not p.startswith("model.layers.")]
     if opts.output_layout not in ("per_expert", "fused"):
         raise ReamkitError(f"unknown expert layout {opts.output_layout!r}; choose per_expert or fused")

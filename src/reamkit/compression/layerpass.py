@@ -7,6 +7,9 @@ the compressed model's importance matrix) and, for sequential methods (REAM), ma
 (pruning methods use the original layer's outputs, which the observing pass already produced); save.
 After the last decoder layer, an MTP block is calibrated on its real inputs (:mod:`.mtp`) and compressed
 the same way. With saved observations (:mod:`.reuse`) no calibration runs: each block is planned from them.
+A method that scores its plans by measured error (``auto``) gets a share of the calibration batches held out:
+spread evenly over the batches (so over the calibration mix, whose sources come in order), they are not
+observed, their MoE inputs are kept for the layer's planning only, and they still pass through the layer.
 
 Memory: the built layer keeps a bf16 checkpoint's experts in bf16 (:mod:`reamkit.models.upcast`); the
 observation computes expert outputs a few experts at a time and keeps only small per-expert sums plus the
@@ -33,7 +36,8 @@ from ..fsutil import atomic_file
 from ..models.moe import MoEBlock, capture_moe_input
 from ..runtime import LayerwiseModel
 from .cache import ActivationCache
-from .methods import MethodInput
+from .candidates import heldout_batches, heldout_rows
+from .methods import MethodInput, holdout_fraction
 from .observe import ExpertStats, ObserveOptions, OutputStats
 from .plan import LayerPlan, apply_plan
 
@@ -182,8 +186,10 @@ class _Pass:
         block = MoEBlock.from_tensors(adapter, self.config, adapter.layer_tensors(layer, "fused"), dtype=None)
         needs = set(self.method.NEEDS)
         seed = self.opts.seed + (i if isinstance(i, int) else self.model.num_layers)
+        held = heldout_batches(len(hidden), holdout_fraction(self.method, self.mopts))
+        heldout: list[torch.Tensor] = []
         stats = ExpertStats(block.num_experts, block.experts.gate.shape[2], block.experts.gate.shape[1],
-                            len(hidden), ObserveOptions(
+                            len(hidden) - len(held), ObserveOptions(
                                 activation_samples=self.opts.activation_samples if "activations" in needs else 0,
                                 keep_logits="logits" in needs, seed=seed))
         seen, handle = capture_moe_input(layer, adapter)
@@ -191,7 +197,10 @@ class _Pass:
             for j in range(len(hidden)):
                 out = lw.run_layer(layer, bi, hidden[j], ctx(hidden[j]))
                 x = seen.pop()
-                stats.observe(block, x.reshape(-1, x.shape[-1]))
+                if j in held:
+                    heldout.append(heldout_rows(x.reshape(-1, x.shape[-1]), len(held), seed + j))
+                else:
+                    stats.observe(block, x.reshape(-1, x.shape[-1]))
                 if self.sequential or nxt is None:
                     del out
                 else:
@@ -201,14 +210,16 @@ class _Pass:
         release_memory()                      # the forward passes' freed blocks, before planning allocates
         mmap_threshold(1 << 20)
         try:
-            plan = self.method.plan_layer(MethodInput(stats, block, self.keep, self.mopts,
-                                                      sequences=sum(len(b) for b in self.batches)))
+            plan = self.method.plan_layer(MethodInput(
+                stats, block, self.keep, self.mopts, heldout=heldout,
+                sequences=sum(len(b) for j, b in enumerate(self.batches) if j not in held),
+                moe_inputs=lambda: self._replay(layer, bi, hidden, ctx, held)))
         finally:
             mmap_threshold(32 << 20)          # the ceiling glibc's own adaptive threshold settles at
         summary = stats.summary_tensors()
         rep["tokens"] = stats.tokens
         rep["frequency"] = [int(v) for v in stats.freq.tolist()]
-        del block, stats, layer, seen         # the original layer's weights (the block views them) go now
+        del block, stats, layer, seen, heldout   # the original layer's weights (the block views them) go now
         release_memory()
         new_tensors = self._apply(load(), plan)
         rep.update(plan.to_json())
@@ -232,6 +243,19 @@ class _Pass:
         save_safetensors(out_stats.summary_tensors(), self.work / f"ostats-{self._name(i)}.safetensors")
         self._save(i, new_tensors, rep)
         return rep
+
+    @torch.no_grad()
+    def _replay(self, layer, bi, hidden: ActivationCache, ctx, held: set[int]):
+        """The MoE inputs [T, H] of the observed batches again, one batch at a time (a forward of the layer)."""
+        seen, handle = capture_moe_input(layer, self.adapter)
+        try:
+            for j in range(len(hidden)):
+                if j not in held:
+                    self.lw.run_layer(layer, bi, hidden[j], ctx(hidden[j]))
+                    x = seen.pop()
+                    yield x.reshape(-1, x.shape[-1])
+        finally:
+            handle.remove()
 
     def _from_saved(self, i, done: int, total: int) -> dict:
         """Plan and compress layer ``i`` from saved observations: no forward pass at all."""

@@ -41,7 +41,29 @@ def summary(report: dict) -> str:
                      f"{lay.get('seconds', 0):.2f} |")
     lines += ["", "Coverage: the share of calibration routing decisions that went to an expert that survives "
               "(as a centroid) in the compressed layer.", ""]
+    lines += plan_choice_lines(report)
     return "\n".join(lines)
+
+
+def plan_choice_lines(report: dict) -> list[str]:
+    """A table of the plan each layer got when plans were chosen by measured error (``auto``): every
+    candidate's relative squared error of the MoE block output on held-out calibration tokens."""
+    chosen = [lay for lay in report.get("layers", []) if lay.get("auto")]
+    if not chosen:
+        return []
+    names = list(dict.fromkeys(k for lay in chosen for k in lay["auto"]["scores"]))
+    lines = ["## Plan per layer, chosen by measured error", "",
+             "Relative squared error of each layer's MoE block output on calibration tokens held out from "
+             "planning (lower is better; **bold**: chosen).", "",
+             "| layer | plan | " + " | ".join(names) + " | held-out tokens | s |",
+             "|---|---|" + "---|" * len(names) + "---|---|"]
+    for lay in chosen:
+        a = lay["auto"]
+        cells = [(f"**{a['scores'][n]:.4g}**" if n == a["choice"] else f"{a['scores'][n]:.4g}")
+                 if n in a["scores"] else "-" for n in names]
+        lines.append(f"| {lay['layer']} | {a['choice']} | " + " | ".join(cells) +
+                     f" | {a['heldout_tokens']} | {a['seconds']:.1f} |")
+    return lines + [""]
 
 
 def heatmap(report: dict, path: Path) -> None:

@@ -8,7 +8,7 @@ Every table forbids unknown keys, and every error names the offending key as a d
     name = "my-model"                  # file-name stem of the outputs (default: the folder's name)
 
     [compress]                         # leave out, or methods = [], for no compression
-    methods = ["ream", "reap"]
+    methods = ["auto", "reap"]
     ratio = 0.25                       # or: experts = 384
     calib = "code=0.7,math=0.3"
 
@@ -39,7 +39,7 @@ class _Strict(BaseModel):
 
 
 class CompressConfig(_Strict):
-    methods: list[str] = ["ream", "reap"]
+    methods: list[str] = ["auto", "reap"]
     experts: int | None = None
     ratio: float | None = 0.25
     calib: str = "code=0.7,math=0.3"

@@ -15,7 +15,7 @@ def demo_config(model_dir: Path, *, executor: str = "local") -> dict:
         "model": str(Path(model_dir).resolve()),
         "name": "demo-coder",
         "description": DESCRIPTION,
-        "compress": {"methods": ["ream", "reap"], "ratio": 0.25, "samples": 32, "seq_len": 256, "batch_size": 8},
+        "compress": {"methods": ["auto", "reap"], "ratio": 0.25, "samples": 32, "seq_len": 256, "batch_size": 8},
         "quantize": {"imatrix_chunks": 16, "imatrix_ctx": 256},
         "evaluate": {"tokens": 1024, "ctx": 256, "humaneval_limit": 10, "humaneval_max_tokens": 96,
                      "speed": True, "speed_prompt": 128, "speed_gen": 32, "speed_repetitions": 2},

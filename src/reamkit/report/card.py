@@ -50,6 +50,8 @@ def compression_facts(run_dir: Path) -> list[dict]:
         calib = rep.get("calibration") or merge.get("calibration")
         info["calibration"] = calib
         info["source"] = ("compression/report.json" if rep else "config.json merge_args" if merge else None)
+        info["layer_plans"] = [{"layer": lay["layer"], "auto": lay["auto"]} for lay in rep.get("layers", [])
+                               if isinstance(lay, dict) and lay.get("auto")]
         facts[e.model] = info
     if not facts:
         run = read_run_info(run_dir)
@@ -91,6 +93,19 @@ def _compression_lines(facts: list[dict]) -> list[str]:
         lines.append(f"- Compression of `{f.get('model') or 'the model'}`: {method}, {experts}, "
                      f"{_calibration_text(f.get('calibration'))} (from {f.get('source') or 'nowhere'}).")
     return lines
+
+
+def _layer_plan_lines(facts: list[dict]) -> list[str]:
+    """Per compressed model whose plans were chosen by measured error: each layer's plan and the error of
+    every alternative (from its ``compression/report.json``)."""
+    from ..compression.report import plan_choice_lines
+
+    out = []
+    for f in facts:
+        table = plan_choice_lines({"layers": f.get("layer_plans") or []})
+        if table:
+            out += [f"## Compression plan per layer of `{f.get('model') or 'the model'}`", "", *table[2:]]
+    return out
 
 
 def _llama_cpp_commit() -> str:
@@ -162,6 +177,7 @@ def card_markdown(comp: Comparison, *, model_name: str | None = None, repo: str 
     for r in rows:
         out += [f"**{r['type']}** (`{r['file']}`):", "", "```bash", f"reamkit serve {r['file']}",
                 f"llama-server -m {r['file']} --jinja --host 127.0.0.1 --port 8080 -c 32768", "```", ""]
+    out += _layer_plan_lines(compression_facts(comp.run_dir))
     out += ["## How these were measured", "",
             "- KLD and same top-1 %: `reamkit evaluate` (llama-perplexity --kl-divergence against the unquantized "
             "reference on held-out code and math that no calibration saw).",

@@ -11,12 +11,18 @@ Variants (``variant``):
   no renormalisation), padding masked; never-routed experts get weight 0.
 * ``reference``: the released code's behaviour -- S_i = sum over chunks of 8 sequences of the chunk mean of
   p_i^2 ||E_i|| (outputs gated twice), divided by floor(sequences / 8); zeros replaced by
-  min(0.5, smallest positive S).
+  min(0.5, smallest positive S). Its alignment too: weight features projected as ``x @ (V * s)`` by a
+  randomised PCA with 2 power iterations, and activation samples drawn at fresh random positions for every
+  expert in every batch (:mod:`..align_reference`; when the layer pass cannot replay the MoE inputs, as when
+  planning from saved observations, the shared sampled positions are used). The paper variant keeps one
+  shared set of positions (cheaper: computed on demand) and the unscaled projection with 4 iterations.
 
 Distance: d = 1 - (s_out + s_gate) / 2 with s_out = (1 + cos(m_i, m_j)) / 2 on the mean gated outputs m_i
 (plain mean outputs with ``gated_sim=False``) and s_gate = 1 - ||u_i - u_j|| / max, u_i expert i's router
 logits over all calibration tokens, normalised (dropped with ``gate_output=False``).
 ``align=False`` skips the neuron alignment (an ablation: it shows what the Hungarian step is for).
+``group_size="auto"`` chooses C per layer among 2, 4, 8, N/8 and 16 by the error each causes on held-out
+calibration batches (:mod:`..candidates`, as the ``auto`` method does with pruning among the candidates).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 
 from ...errors import ReamkitError
 from ..align import ActivationFeatures, PCAFeatures, align_group
+from ..align_reference import PerExpertActivationFeatures
 from ..observe import fill_zero_saliency
 from ..plan import Group, LayerPlan, top_k_indices
 
@@ -36,7 +43,18 @@ DEFAULTS = {"variant": "paper", "group_size": 16, "merging": "logits+weights", "
 MERGING = ("logits+weights", "weights", "logits", "avg", "none")
 
 
+AUTO_SIZES = "ream:2,ream:4,ream:8,ream:n/8,ream:16"
+HOLDOUT = 0.25
+
+
+def holdout(opts: dict) -> float:
+    return HOLDOUT if str(opts["group_size"]) == "auto" else 0.0
+
+
 def check_options(opts: dict) -> None:
+    size = str(opts["group_size"])
+    if size != "auto" and not (size.isdigit()):
+        raise ReamkitError(f"REAM group size {size!r} must be a whole number (0: nearest centroid) or auto")
     if opts["variant"] not in ("paper", "reference"):
         raise ReamkitError(f"unknown REAM variant {opts['variant']!r}; choose paper or reference")
     if opts["merging"] not in MERGING:
@@ -102,16 +120,37 @@ def pseudo_groups(sal: torch.Tensor, dist: torch.Tensor, keep: int, group_size: 
 def plan_layer(inp) -> LayerPlan:
     opts = inp.options
     check_options(opts)
-    sal = saliency(inp)
-    dist = distance(inp)
+    if str(opts["group_size"]) == "auto":
+        from ..candidates import choose
+
+        return choose(inp, AUTO_SIZES)
+    cache = inp.cache if inp.cache is not None else {}     # shared by candidate plans of one layer (auto)
+    key = (opts["variant"], opts["saliency"], opts["gated_sim"], opts["gate_output"])
+    if ("sal", key) not in cache:
+        cache[("sal", key)], cache[("dist", key)] = saliency(inp), distance(inp)
+    sal, dist = cache[("sal", key)], cache[("dist", key)]
     groups = pseudo_groups(sal, dist, inp.keep, int(opts["group_size"]))
     merging = opts["merging"]
     feats: list = []                          # alignment costs (per expert, computed on demand); none with
     merges = any(len(m) > 1 for m in groups.values()) and merging != "none"     # align=False (unaligned average)
+    reference = opts["variant"] == "reference"
     if opts["align"] and merges and merging in ("logits+weights", "logits"):
-        feats.append(ActivationFeatures(inp.stats, inp.block))
+        if reference and inp.moe_inputs is not None:
+            merged = sorted(m for ms in groups.values() if len(ms) > 1 for m in ms)
+            key = ("act-per-expert", tuple(merged))
+            if key not in cache:
+                per = max(1, inp.stats.options.activation_samples // max(1, inp.stats.batches))
+                cache[key] = PerExpertActivationFeatures(inp.moe_inputs, inp.block, merged, per, int(opts["seed"]))
+            feats.append(cache[key])
+        else:
+            feats.append(cache.setdefault(("act",), ActivationFeatures(inp.stats, inp.block)))
     if opts["align"] and merges and merging in ("logits+weights", "weights"):
-        feats.append(PCAFeatures(inp.block.experts, int(opts["pca_dim"]), int(opts["seed"])))
+        key = ("pca", reference, int(opts["pca_dim"]), int(opts["seed"]))
+        if key not in cache:
+            cache[key] = PCAFeatures(inp.block.experts, int(opts["pca_dim"]), int(opts["seed"]),
+                                     niter=2 if reference else 4, scaled=reference)
+        feats.append(cache[key])
+    perm_cache = cache.setdefault(("perms", opts["variant"], merging, bool(opts["align"])), {})
     out = []
     for c in sorted(groups):
         members = groups[c] if merging != "none" else [c]
@@ -122,7 +161,10 @@ def plan_layer(inp) -> LayerPlan:
         w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1 / len(members))
         if merging == "avg":
             w = torch.full_like(w, 1 / len(members))
-        perms = [None] + (align_group(c, members[1:], *feats) if feats else [None] * (len(members) - 1))
+        todo = [j for j in members[1:] if (c, j) not in perm_cache]
+        for j, p in zip(todo, align_group(c, todo, *feats) if feats and todo else [None] * len(todo)):
+            perm_cache[(c, j)] = p
+        perms = [None] + [perm_cache[(c, j)] for j in members[1:]]
         out.append(Group(c, members, w.tolist(), perms))
     sizes = sorted((len(m) for m in groups.values()), reverse=True)
     return LayerPlan(inp.stats.num_experts, out, [float(v) for v in sal],
