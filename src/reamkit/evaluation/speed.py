@@ -27,9 +27,9 @@ from pathlib import Path
 
 from ..errors import ReamkitError, ToolchainError
 from ..fsutil import write_json
+from ..identity import check_gguf, file_hash
 from ..manifest import Manifest, manifest_path_for, read_manifest, stage_key, write_manifest
 from ..toolchain import cpu_fingerprint, find_toolchain, last_error_line, repack_args, repack_decision, repack_env
-from .fidelity import gguf_fingerprint
 
 BANDWIDTH_BYTES = 256 * 2**20      # per array; well above any CPU cache
 BANDWIDTH_REPEATS = 5              # best of
@@ -227,12 +227,13 @@ def measure_speed(gguf: Path, run_dir: Path, opts: SpeedOptions | None = None) -
     threads = opts.threads or os.cpu_count() or 1
     if threads < 1:
         raise ReamkitError(f"--threads {threads} must be at least 1")
+    check_gguf(gguf)
     act = active_bytes_per_token(gguf)            # also refuses what is not a readable GGUF
     tc = find_toolchain()
     repack = repack_decision().on
     params = {"prompt": opts.prompt, "gen": opts.gen, "repetitions": opts.repetitions,
               "threads": threads, "llama_cpp_commit": tc.commit, "repack": repack, "cpu": cpu_fingerprint()}
-    inputs = {"gguf": gguf_fingerprint(gguf)}
+    inputs = {"gguf": file_hash(gguf)}
     variant = gguf.name.removesuffix(".gguf")
     out = Path(run_dir) / "speed" / f"{variant}.json"
     current = read_manifest(out, folder=False)
