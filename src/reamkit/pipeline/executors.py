@@ -67,6 +67,11 @@ class RayExecutor:
     def __init__(self, address: str):
         # the driver asks the cluster 20 times, a second apart, before it gives up; 5 tell a refusal as well
         os.environ.setdefault("RAY_NUM_REDIS_GET_RETRIES", "5")
+        # Ray gives a token only to address="auto"; a cluster joined by its address needs it as well (a local
+        # ``ray.init()`` or ``ray start`` enables token authentication by default and saves the token there)
+        if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get(
+                "RAY_AUTH_TOKEN_PATH") or os.path.isfile(os.path.expanduser("~/.ray/auth_token"))):
+            os.environ["RAY_AUTH_MODE"] = "token"
         try:
             import ray
         except ImportError:
