@@ -207,3 +207,121 @@ def test_status_shows_where_a_run_stands(project, baseline, tmp_path):
     with pytest.raises(ReamkitError, match="not a reamkit run folder"):
         from reamkit.pipeline import stage_rows
         stage_rows(tmp_path)
+
+
+def _states(run: Path) -> dict[str, str]:
+    from reamkit.pipeline import stage_rows
+
+    return {sid: state for sid, state, _ in stage_rows(run)}
+
+
+def _flip(p: Path, offset: int) -> None:
+    with open(p, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_a_copied_run_is_current_and_one_flipped_input_byte_makes_every_stage_stale(project, baseline, tmp_path):
+    run = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(baseline), str(run)], check=True)        # new inodes and dates, same bytes
+    assert set(_states(run).values()) == {"done"}
+    shard = max((project / "model").glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    middle = shard.stat().st_size // 2
+    _flip(shard, middle)
+    try:
+        states = _states(run)
+    finally:
+        _flip(shard, middle)
+    assert set(states.values()) == {"stale"}, states     # every stage depends on the input model
+    assert set(_states(run).values()) == {"done"}
+
+
+def test_a_damaged_output_gguf_is_noticed_and_only_its_stage_remade(project, baseline, tmp_path):
+    from gguf import GGUFReader
+
+    run = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(baseline), str(run)], check=True)
+    flipped = run / "gguf" / "tiny" / "tiny.Q8_0.gguf"
+    t = max(GGUFReader(str(flipped)).tensors, key=lambda t: int(t.n_bytes))
+    _flip(flipped, int(t.data_offset) + int(t.n_bytes) // 2)              # inside the tensor data
+    cut = run / "gguf" / "tiny-reap-12e" / "tiny-reap-12e.Q8_0.gguf"
+    os.truncate(cut, cut.stat().st_size - 1000)
+    states = _states(run)
+    assert {s for s, st in states.items() if st != "done"} == {"quantize:tiny:Q8_0", "quantize:tiny-reap-12e:Q8_0"}
+    result = run_pipeline(load_config(project / "run.toml"), run)
+    assert set(result.ran) == {"quantize:tiny:Q8_0", "quantize:tiny-reap-12e:Q8_0"}
+    assert _outputs(run) == _outputs(baseline)
+    assert "tiny.Q8_0.gguf changed after quantize:tiny:Q8_0 wrote it" in (run / "pipeline.log").read_text()
+
+
+def test_executor_kind_workers_and_threads_do_not_change_the_keys_of_results(project):
+    from reamkit.pipeline import plan_for
+    from reamkit.pipeline.config import EvaluateConfig, ExecutorConfig
+
+    cfg = load_config(project / "run.toml")
+    keys = {s.id: s.key for s in plan_for(cfg).order()}
+    for executor in (ExecutorConfig(kind="ray", workers=2), ExecutorConfig(workers=1), ExecutorConfig(workers=7)):
+        other = {s.id: s.key for s in plan_for(cfg.model_copy(update={"executor": executor})).order()}
+        assert other == keys, executor
+    ev = cfg.evaluate.model_dump()
+    timed = {t: {s.id: s.key for s in plan_for(cfg.model_copy(update={"evaluate": EvaluateConfig(
+        **{**ev, "speed": True, "threads": t})})).order()} for t in (1, 2)}
+    assert {k for k in timed[1] if timed[1][k] != timed[2][k]} == {s for s in timed[1] if s.startswith("speed:")} \
+        | {"compare", "card"}          # speed figures depend on the thread count, and so does what shows them
+
+
+def test_a_rerun_with_other_workers_skips_everything(project, baseline, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(baseline, run)
+    cfg = _config(project, CONFIG.replace("workers = 2", "workers = 1"), "one-worker")
+    assert run_pipeline(load_config(cfg), run).ran == []
+
+
+def _gone(p) -> bool:
+    import psutil
+
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_ctrl_c_and_sigterm_stop_every_child_at_once_in_one_line_and_the_run_resumes(project, baseline, tmp_path,
+                                                                                       figure):
+    import psutil
+
+    run = tmp_path / "interrupted"
+    for sig, code, how, after in ((signal.SIGINT, 130, "Ctrl-C", "start prepare:tiny"),
+                                  (signal.SIGTERM, 143, "SIGTERM", "start quantize:")):
+        proc = subprocess.Popen([*REAMKIT, "run", str(project / "run.toml"), "-o", str(run)], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        log = run / "pipeline.log"
+        while proc.poll() is None and after not in (log.read_text() if log.is_file() else ""):
+            time.sleep(0.1)
+        time.sleep(1.0)
+        # the stage workers and their tools (multiprocessing's resource tracker ends with reamkit itself)
+        children = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                    if "resource_tracker" not in " ".join(c.cmdline())]
+        assert proc.poll() is None and children
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)          # what a terminal's Ctrl-C does: the whole process group
+        else:
+            proc.send_signal(sig)             # what a service manager does: reamkit alone
+        t0 = time.monotonic()
+        while not all(_gone(c) for c in children) and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
+        assert all(_gone(c) for c in children)
+        figure(f"{how}: stage workers and tools gone {time.monotonic() - t0:.2f} s after the signal")
+        _, stderr = proc.communicate(timeout=60)
+        assert time.monotonic() - t0 < 15
+        assert proc.returncode == code and "Traceback" not in stderr, stderr
+        errors = [ln for ln in stderr.splitlines() if "error:" in ln]
+        assert len(errors) == 1 and errors[0] == stderr.strip().splitlines()[-1], stderr
+        assert f"interrupted ({how})" in errors[0] and "stages done" in errors[0] and "rerun" in errors[0]
+        assert f"interrupted ({how})" in log.read_text()
+        assert not [p for p in run.rglob("*") if ".tmp-" in p.name]
+    result = run_pipeline(load_config(project / "run.toml"), run)
+    assert result.ran and result.skipped
+    assert _outputs(run) == _outputs(baseline)

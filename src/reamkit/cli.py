@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .errors import ReamkitError
+from .errors import Interrupted, ReamkitError, Terminated, machine_error
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
@@ -45,17 +45,51 @@ class GGUFType(str, Enum):
 
 
 def user_errors(fn):
-    """Turn a ReamkitError into one line on stderr and a non-zero exit; no traceback."""
+    """Turn every error a user or the machine can cause (a ReamkitError, an OSError such as a full disk, Ctrl-C,
+    SIGTERM) into one line on stderr and a non-zero exit; no traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        restore = _sigterm_unwinds()
         try:
             return fn(*args, **kwargs)
         except ReamkitError as e:
-            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
+            _fail(e)
+        except KeyboardInterrupt as e:
+            stopped = Interrupted("interrupted" + (" (SIGTERM)" if isinstance(e, Terminated) else ""),
+                                  fix="finished work is kept: rerun the same command to resume")
+            if isinstance(e, Terminated):
+                stopped.exit_code = 143
+            _fail(stopped)
+        except Exception as e:
+            known = machine_error(e)         # a full disk, a read-only folder: one line; anything else is a bug
+            if known is None:
+                raise
+            _fail(known)
+        finally:
+            restore()
 
     return wrapper
+
+
+def _fail(e: ReamkitError) -> None:
+    err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(e.exit_code) from None
+
+
+def _sigterm_unwinds():
+    """While a command runs, SIGTERM unwinds the main process like Ctrl-C (children stopped, one line)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()
@@ -308,8 +342,12 @@ def compress(
             bar.update(task, completed=info["layer"], total=info["layers"],
                        speed=f"{info['tokens_per_s']:,.0f} tok/s")
 
-        result = run_compress(model, output, opts, progress=progress,
-                              announce=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True))
+        try:
+            result = run_compress(model, output, opts, progress=progress,
+                                  announce=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True))
+        except BaseException:
+            bar.live.transient = True        # a failure is its one line, without the bar's last state
+            raise
     rep = result.report
     verb = "up to date:" if result.skipped else "wrote"
     out.print(f"{verb} {result.output} ({rep['method']}: {rep['experts_before']} -> {rep['experts_after']} experts "

@@ -137,3 +137,33 @@ def run_relative(path: Path, run_dir: Path) -> str:
     else absolute."""
     p, root = Path(path).resolve(), Path(run_dir).resolve()
     return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+
+
+def _existing(folder: Path) -> Path:
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be written (read-only file system, no permission)."""
+    from .errors import from_os_error
+
+    where = _existing(folder)
+    try:
+        fd, name = tempfile.mkstemp(prefix=".reamkit-probe-", dir=where)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise from_os_error(OSError(e.errno, e.strerror, str(folder))) from None
+
+
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """Refuse, before any work, an output whose predicted size does not fit in the free space."""
+    from .errors import MachineError
+
+    free = shutil.disk_usage(_existing(folder)).free
+    if need > free:
+        raise MachineError(f"{what} needs about {need / 1e6:,.0f} MB in {folder}, only {free / 1e6:,.0f} MB are free",
+                           fix="free some space or choose another output folder")

@@ -100,7 +100,15 @@ def existing_output_is_current(output: Path, key: str, what: str, *, folder: boo
         )
     found = read_manifest(output, folder=folder)
     if found is not None and found.key == key:
-        return True
+        recorded = found.outputs.get("sha256")
+        if not recorded or folder:
+            return True
+        from .identity import file_hash
+
+        if file_hash(output) == recorded:
+            return True
+        raise OutputExistsError(f"output {output} changed after it was written (its bytes no longer match its "
+                                "manifest)", fix="remove it and its manifest to make it again")
     reason = "made from other inputs" if found is not None else "not made by reamkit"
     raise OutputExistsError(
         f"output path {output} already holds a different {what} ({reason})",

@@ -169,6 +169,16 @@ def _hub_documents(name: str, seed: int) -> Iterator[str]:  # pragma: no cover -
 
 
 # ---------------------------------------------------------------------- packing
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def check_tokenizer(model_dir: Path) -> None:
+    """Refuse, before any work, a model folder without its tokenizer (calibration and GGUF both need it)."""
+    if not any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES):
+        raise ReamkitError(f"{model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})",
+                           fix="copy the tokenizer files of the original model into the folder")
+
+
 def build_calibration(tokenizer_dir: Path, spec: str = DEFAULT_MIX, *, samples: int, seq_len: int, seed: int = 0,
                       cache_dir: Path | None = None) -> torch.Tensor:
     """Token ids [samples, seq_len] (int64) for the mixture, from the model's own tokenizer; cached."""
@@ -188,7 +198,11 @@ def build_calibration(tokenizer_dir: Path, spec: str = DEFAULT_MIX, *, samples: 
     cache = (cache_dir or _cache_dir()) / f"calib-{key}.pt"
     if cache.is_file():
         return torch.load(cache)
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    check_tokenizer(Path(tokenizer_dir))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except (OSError, ValueError) as e:
+        raise ReamkitError(f"cannot load the tokenizer of {tokenizer_dir}: {' '.join(str(e).split())[:200]}") from None
     eos = tok.eos_token_id if tok.eos_token_id is not None else 0
     counts = _row_counts(sources, samples)
     rows: list[torch.Tensor] = []

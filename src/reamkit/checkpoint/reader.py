@@ -113,22 +113,17 @@ class Checkpoint:
         return sorted({t.shard for t in self.tensors.values()})
 
     def fingerprint(self) -> str:
-        """A cheap content hash: config, every shard's header and size, and 1 MiB samples of its data.
+        """A content hash of the config and of every byte of every shard (each shard's hash is cached by its
+        identity on disk, so only new or changed shards are read)."""
+        from concurrent.futures import ThreadPoolExecutor
 
-        Reading whole shards of an 80B model would take minutes; headers pin names, shapes and dtypes,
-        and the samples tell apart two models of the same shape.
-        """
+        from ..identity import file_hash
+
         h = hashlib.sha256((self.path / CONFIG).read_bytes())
-        sample = 1 << 20
-        for shard in self.shards:
-            p = self.path / shard
-            size = p.stat().st_size
-            with open(p, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                h.update(shard.encode() + size.to_bytes(8, "little") + f.read(n))
-                h.update(f.read(sample))
-                f.seek(max(8 + n, size - sample))
-                h.update(f.read(sample))
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:    # hashlib frees the GIL
+            digests = pool.map(file_hash, [self.path / s for s in self.shards])
+        for shard, digest in zip(self.shards, digests):
+            h.update(shard.encode() + b"\0" + digest.encode())
         return h.hexdigest()[:16]
 
     # ------------------------------------------------------------------ loading
@@ -164,10 +159,21 @@ class Checkpoint:
         return self.load(self.other_names)
 
     def check_finite(self) -> None:
-        """Read every tensor once, one at a time, refusing the first that holds NaN or Inf (for stages such
-        as GGUF conversion whose reading happens outside reamkit)."""
-        for name in self.tensors:
-            self.load([name])
+        """Read every tensor once, one at a time, refusing the first that holds NaN or Inf (before work that
+        would find it late, and for stages such as GGUF conversion whose reading happens outside reamkit). A
+        shard found finite is remembered by its content hash and not read again."""
+        from ..identity import file_hash, known, remember
+
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for name, info in self.tensors.items():
+            by_shard[info.shard].append(name)
+        for shard, names in by_shard.items():
+            digest = file_hash(self.path / shard)
+            if known(digest, "finite"):
+                continue
+            for name in names:
+                self.load([name])
+            remember(digest, "finite")
 
     def _handle(self, shard: str):
         h = self._handles.get(shard)

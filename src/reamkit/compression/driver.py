@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint.reader import layer_prefix
 from ..checkpoint.writer import CheckpointWriter
-from ..errors import ReamkitError
-from ..fsutil import write_json
+from ..errors import ReamkitError, writing
+from ..fsutil import check_free_space, check_writable, write_json
 from ..manifest import Manifest, existing_output_is_current, manifest_path_for, write_manifest
 from ..models import Model, open_model
 from .layerpass import DTYPES, _Pass
@@ -151,6 +151,7 @@ def compress(source: str | Path, out: Path, opts: CompressOptions, progress: Pro
                             info={"source": str(model.path)})
     if existing_output_is_current(out, manifest.key, "compressed model", folder=True):
         return CompressResult(out, json.loads((out / "compression" / "report.json").read_text()), skipped=True)
+    _check_before_work(model, out, keep, saved is None)
 
     ids = None if saved is not None else build_calibration(model.path, opts.calib, samples=opts.samples,
                                                            seq_len=opts.seq_len, seed=opts.seed)
@@ -161,15 +162,32 @@ def compress(source: str | Path, out: Path, opts: CompressOptions, progress: Pro
     work.mkdir(parents=True, exist_ok=True)
     write_json(state_file, {"key": manifest.key})
 
-    run = _Pass(model, opts, keep, mopts, method, sequential, device, ids, work, progress,
-                mtp=[] if opts.drop_mtp else mtp, saved=saved)
-    layer_reports = run.all_layers()
-    report = run.report(layer_reports, manifest.key)
-    if saved is not None:
-        report["observations_from"] = str(opts.observations)
-    _publish(model, out, keep, mtp, opts, manifest, report, work, ident)
+    with writing(out):
+        run = _Pass(model, opts, keep, mopts, method, sequential, device, ids, work, progress,
+                    mtp=[] if opts.drop_mtp else mtp, saved=saved)
+        layer_reports = run.all_layers()
+        report = run.report(layer_reports, manifest.key)
+        if saved is not None:
+            report["observations_from"] = str(opts.observations)
+        _publish(model, out, keep, mtp, opts, manifest, report, work, ident)
     shutil.rmtree(work, ignore_errors=True)
     return CompressResult(out, report)
+
+
+def _check_before_work(model: Model, out: Path, keep: int, calibrate: bool) -> None:
+    """What can fail late, checked first: the tokenizer, the output folder, the free space, every weight finite."""
+    from ..calibration.mixture import check_tokenizer
+
+    if calibrate:
+        check_tokenizer(model.path)
+    check_writable(out.parent)
+    # a lower bound (the layers' work files and the published folder coexist at the end)
+    n = model.adapter.num_experts(model.config)
+    work = out.with_name(f".{out.name}.work")
+    done = sum(p.stat().st_size for p in work.glob("*") if p.is_file()) if work.is_dir() else 0
+    need = model.checkpoint.total_nbytes * keep // n - done
+    check_free_space(out.parent, need, "the compressed model")
+    model.checkpoint.check_finite()
 
 
 def _publish(model: Model, out: Path, keep: int, mtp: list[str], opts: CompressOptions, manifest: Manifest,

@@ -20,15 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ReamkitError
+from ..errors import OutputExistsError, ReamkitError
 from ..fsutil import atomic_file, run_relative, write_json
+from ..identity import check_gguf, file_hash
 from ..manifest import Manifest, manifest_path_for, read_manifest, stage_key, write_manifest
 from ..quantization.runner import run_tool
 from .stats import kld_uncertainty, sig
 
 SETS = ("code", "math")
 MIN_TOKENS = 100                  # llama-perplexity prints no KLD statistics below 100 scored tokens
-HEADER_BYTES = 64 * 1024          # the part of a GGUF hashed for its fingerprint (metadata lives up front)
 
 
 @dataclass
@@ -49,13 +49,6 @@ class Fidelity:
 
     def as_dict(self) -> dict:
         return {"variant": self.variant, "path": str(self.path), "sets": self.sets}
-
-
-def gguf_fingerprint(path: Path) -> str:
-    st = path.stat()
-    with open(path, "rb") as f:
-        head = f.read(HEADER_BYTES)
-    return hashlib.sha256(head + f"|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
 def vocabulary(path: Path) -> tuple[int, str]:
@@ -148,8 +141,7 @@ def evaluate_fidelity(variants: list[Path], reference: Path, run_dir: Path, opts
     reference = Path(reference)
     paths = [Path(v) for v in variants]
     for p in [reference, *paths]:
-        if not p.is_file():
-            raise ReamkitError(f"no such GGUF file: {p}")
+        check_gguf(p)
     if opts.tokens < MIN_TOKENS:
         raise ReamkitError(f"--tokens {opts.tokens} is too few: llama-perplexity computes KLD statistics on at least "
                            f"{MIN_TOKENS} scored tokens")
@@ -183,12 +175,12 @@ def evaluate_fidelity(variants: list[Path], reference: Path, run_dir: Path, opts
     out_dir = run_dir / "fidelity"
     ref_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ref_fp = gguf_fingerprint(reference)
+    ref_fp = file_hash(reference)
     owner = ref_dir / "reference.json"
     if owner.is_file():
         previous = json.loads(owner.read_text())
         if previous.get("fingerprint") != ref_fp:
-            raise ReamkitError(f"{run_dir} holds results against another reference ({previous.get('path')})",
+            raise OutputExistsError(f"{run_dir} holds results against another reference ({previous.get('path')})",
                                fix="choose another --output folder")
     else:
         write_json(owner, {"path": str(reference.resolve()), "fingerprint": ref_fp, "n_vocab": n_vocab})
@@ -237,7 +229,7 @@ def evaluate_fidelity(variants: list[Path], reference: Path, run_dir: Path, opts
                               "ctx": opts.ctx}
         write_json(out_dir / f"{res.variant}.json", {
             **res.as_dict(), "path": run_relative(p, run_dir), "reference": run_relative(reference, run_dir), "reference_fingerprint": ref_fp,
-            "variant_fingerprint": gguf_fingerprint(p), "bytes": p.stat().st_size})
+            "variant_fingerprint": file_hash(p), "bytes": p.stat().st_size})
         results.append(res)
     return results
 

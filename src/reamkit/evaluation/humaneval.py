@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..errors import ReamkitError
 from ..fsutil import atomic_file, write_json
+from ..identity import check_gguf, file_hash
 from ..manifest import (Manifest, existing_output_is_current, manifest_path_for, read_manifest, stage_key,
                         write_manifest)
 from .sandbox import SandboxLimits, SandboxRun, run_program, sandbox_facts
@@ -221,14 +222,8 @@ def _current(out_json: Path, key: str) -> bool:
 def run_humaneval(gguf: Path, run_dir: Path, opts: HumanEvalOptions,
                   progress: Callable[[str, int, int], None] | None = None) -> HumanEvalResult:
     """Generate and score; results in ``run_dir/humaneval/<variant>.json`` and ``<variant>.completions.jsonl``."""
-    from .fidelity import gguf_fingerprint
-
     gguf = Path(gguf)
-    if not gguf.is_file():
-        raise ReamkitError(f"no such GGUF file: {gguf}")
-    with open(gguf, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ReamkitError(f"{gguf} is not a GGUF file")
+    check_gguf(gguf)
     if opts.max_tokens < 1:
         raise ReamkitError(f"--max-tokens {opts.max_tokens} must be at least 1")
     problems = load_problems(opts.limit)
@@ -239,7 +234,7 @@ def run_humaneval(gguf: Path, run_dir: Path, opts: HumanEvalOptions,
     out_jsonl = out_dir / f"{variant}.completions.jsonl"
     params = {"limit": opts.limit, "max_tokens": opts.max_tokens, "n_ctx": opts.n_ctx, "stops": STOP_SEQUENCES,
               "limits": asdict(opts.limits()), "sandbox_mode": facts.mode}
-    inputs = {"gguf": gguf_fingerprint(gguf)}
+    inputs = {"gguf": file_hash(gguf)}
     key = stage_key("humaneval", inputs, params)
     if _current(out_json, key) and out_jsonl.is_file():
         data = json.loads(out_json.read_text())

@@ -27,10 +27,10 @@ from pathlib import Path
 
 from ..errors import ReamkitError
 from ..fsutil import run_relative, write_json
+from ..identity import check_gguf, file_hash
 from ..manifest import Manifest, manifest_path_for, read_manifest, stage_key, write_manifest
 from ..toolchain import cpu_fingerprint, find_toolchain, repack_decision
 from .cpuload import free_cores, last_level_cache_bytes
-from .fidelity import gguf_fingerprint
 from .llamabench import sample
 
 BANDWIDTH_BYTES = 256 * 2**20      # per array; well above any CPU cache
@@ -173,13 +173,14 @@ def measure_speed(gguf: Path, run_dir: Path, opts: SpeedOptions | None = None) -
         raise ReamkitError("prompt tokens, generated tokens and repetitions must each be at least 1")
     if opts.threads is not None and opts.threads < 1:
         raise ReamkitError(f"--threads {opts.threads} must be at least 1")
+    check_gguf(gguf)
     act = active_bytes_per_token(gguf)            # also refuses what is not a readable GGUF
     tc = find_toolchain()
     repack = repack_decision().on
     params = {"prompt": opts.prompt, "gen": opts.gen, "repetitions": opts.repetitions,
               "threads": opts.threads or "free", "llama_cpp_commit": tc.commit, "repack": repack,
               "cpu": cpu_fingerprint()}
-    inputs = {"gguf": gguf_fingerprint(gguf)}
+    inputs = {"gguf": file_hash(gguf)}
     variant = gguf.name.removesuffix(".gguf")
     out = Path(run_dir) / "speed" / f"{variant}.json"
     current = read_manifest(out, folder=False)

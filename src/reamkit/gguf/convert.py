@@ -16,14 +16,18 @@ conversion leaves nothing behind and a repeated one is skipped.
 from __future__ import annotations
 
 import collections
+import math
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import ReamkitError, ToolchainError
-from ..fsutil import atomic_file
+from ..children import die_with_parent
+from ..errors import MachineError, ReamkitError, ToolchainError
+from ..fsutil import atomic_file, check_free_space, check_writable
+from ..identity import file_hash
 from ..manifest import Manifest, existing_output_is_current, manifest_path_for, stage_key, write_manifest
 from ..models import open_model
 from ..toolchain import find_toolchain, last_error_line
@@ -49,6 +53,8 @@ def convert_to_gguf(model: str | Path, out: Path, *, dtype: str = "f16", fallbac
     if existing_output_is_current(out, key, "GGUF", folder=False):
         return out, False
 
+    check_writable(out.parent)
+    check_free_space(out.parent, _predicted_bytes(ckpt, dtype), f"the {dtype} GGUF")
     ckpt.check_finite()
     with atomic_file(out) as tmp:
         cmd = [sys.executable, str(_ENTRY), str(ckpt.path), "--outtype", dtype, "--outfile", str(tmp), *extra]
@@ -56,26 +62,40 @@ def convert_to_gguf(model: str | Path, out: Path, *, dtype: str = "f16", fallbac
                "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
         env.pop("NO_LOCAL_GGUF", None)
         tail = _run_streaming(cmd, env, on_line)
+        if tail is not None and shutil.disk_usage(out.parent).free < (64 << 20):
+            raise MachineError(f"no space left on the device holding {out} (the converter stopped: {tail[:120]})",
+                               fix="free some space and convert again")
         if tail is not None:
             raise ToolchainError(f"convert_hf_to_gguf.py failed on {ckpt.path}: {tail}")
         n_tensors = _check_gguf(tmp)
         write_manifest(manifest_path_for(out, folder=False), Manifest.new(
             "convert", inputs=inputs, params=params, info={"model": str(ckpt.path)},
-            outputs={"file": out.name, "bytes": tmp.stat().st_size, "tensors": n_tensors}))
+            outputs={"file": out.name, "bytes": tmp.stat().st_size, "sha256": file_hash(tmp),
+                     "tensors": n_tensors}))
     return out, True
+
+
+def _predicted_bytes(ckpt, dtype: str) -> int:
+    """The GGUF's size, near enough to check free space: every weight at the chosen width (norms stay f32)."""
+    width = 4 if dtype == "f32" else 2
+    return sum(math.prod(t.shape) for t in ckpt.tensors.values()) * width
 
 
 def _run_streaming(cmd: list[str], env: dict, on_line: Callable[[str], None] | None) -> str | None:
     """Run the converter, forwarding its log lines; None on success, else its most telling error line."""
     tail: collections.deque[str] = collections.deque(maxlen=400)
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1) as proc:
+                          bufsize=1, preexec_fn=die_with_parent) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            tail.append(line)
-            if on_line is not None:
-                on_line(line.rstrip("\n"))
-        rc = proc.wait()
+        try:
+            for line in proc.stdout:
+                tail.append(line)
+                if on_line is not None:
+                    on_line(line.rstrip("\n"))
+            rc = proc.wait()
+        except BaseException:        # Ctrl-C, SIGTERM: the converter stops now, not when it is done
+            proc.kill()
+            raise
     return None if rc == 0 else last_error_line("".join(tail))
 
 

@@ -161,17 +161,19 @@ def load_config(path: Path) -> RunConfig:
 
 def check_against_model(cfg: RunConfig, source: str) -> None:
     """What only the model can tell: that it exists and that the compression target is possible."""
+    from ..calibration.mixture import check_tokenizer
     from ..compression.driver import resolve_target
     from ..models import open_model
 
     if not cfg.model.startswith("hf:") and not (Path(cfg.model) / "config.json").is_file():
         raise ReamkitError(f"{source}: model: no model folder with a config.json at {cfg.model}")
-    if not cfg.compress.methods:
-        return
     try:
         opened = open_model(cfg.model)
+        check_tokenizer(opened.path)
     except ReamkitError as e:
-        raise ReamkitError(f"{source}: model: {e.problem}") from None
+        raise ReamkitError(f"{source}: model: {e.problem}", fix=e.fix) from None
+    if not cfg.compress.methods:
+        return
     adapter, config = opened.adapter, opened.config
     if not adapter.moe_layers(config):
         raise ReamkitError(f"{source}: compress.methods: the model has no MoE layers; use methods = []")

@@ -43,6 +43,7 @@ class Stage:
     mode: str = JOB
     memory_bytes: int = 0         # rough peak, for the scheduler's memory budget
     key: str = ""
+    unkeyed: tuple[str, ...] = ()  # params that change how a stage runs, not what it makes (thread counts)
 
 
 @dataclass
@@ -118,7 +119,7 @@ def build_plan(cfg: RunConfig, model_config: dict, num_experts: int | None, fing
     threads = e.threads or max(1, (os.cpu_count() or 1) // cfg.executor.workers)
     ev = {"tokens": e.tokens, "ctx": e.ctx, "sets": list(e.sets), "threads": threads}
     _add(stages, Stage("reference", "reference", {"reference": variants[reference]["path"], **ev},
-                       deps=[f"prepare:{name}"], outputs=["reference"]))
+                       deps=[f"prepare:{name}"], outputs=["reference"], unkeyed=("threads",)))
     for v, info in variants.items():
         producer = f"prepare:{info['model']}" if info["type"] == dtype else \
             f"quantize:{info['model']}:{info['type'].removesuffix(suffix)}"
@@ -126,7 +127,8 @@ def build_plan(cfg: RunConfig, model_config: dict, num_experts: int | None, fing
             "variant": info["path"], "reference": variants[reference]["path"], **ev,
             "humaneval_limit": e.humaneval_limit, "humaneval_max_tokens": e.humaneval_max_tokens},
             deps=[producer, "reference"],
-            outputs=[f"fidelity/{v}.json"] + ([f"humaneval/{v}.json"] if e.humaneval_limit else [])))
+            outputs=[f"fidelity/{v}.json"] + ([f"humaneval/{v}.json"] if e.humaneval_limit else []),
+            unkeyed=("threads",)))
         if e.speed:    # alone on the machine, every core: a speed measured beside other jobs says little
             _add(stages, Stage(f"speed:{v}", "speed", {
                 "variant": info["path"], "prompt": e.speed_prompt, "gen": e.speed_gen,
@@ -137,13 +139,15 @@ def build_plan(cfg: RunConfig, model_config: dict, num_experts: int | None, fing
     run = {"model_name": name, "base_model": base, "description": cfg.description, "calibration": c.calib}
     _add(stages, Stage("compare", "compare", {"variants": variants, "reference": reference, "run": run},
                        deps=evals, outputs=["variants.json", "run.json", "report/compare.json"]))
-    _add(stages, Stage("card", "card", {"model": name, "config": cfg.model_dump(mode="json")},
+    # the card states the configuration that shapes the results; where the stages ran does not change them
+    _add(stages, Stage("card", "card", {"model": name, "config": cfg.model_dump(mode="json", exclude={"executor"})},
                        deps=["compare"], outputs=["report/README.md", *(f"release/{m}-GGUF/README.md" for m in models)]))
     return Plan(cfg, stages, models, variants, reference)
 
 
 def _add(stages: dict[str, Stage], stage: Stage) -> None:
-    blob = json.dumps({"kind": stage.kind, "params": stage.params, "deps": [stages[d].key for d in stage.deps]},
+    params = {k: v for k, v in stage.params.items() if k not in stage.unkeyed}
+    blob = json.dumps({"kind": stage.kind, "params": params, "deps": [stages[d].key for d in stage.deps]},
                       sort_keys=True, default=str)
     stage.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     stages[stage.id] = stage

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import psutil
 
-from ..errors import ReamkitError
+from ..errors import Interrupted, ReamkitError, Terminated
 from ..fsutil import atomic_file, clean_stale_temps, write_json
+from ..identity import changed_files
 from .config import RunConfig, to_toml
 from .executors import make_executor
 from .plan import HEAVY, Plan, Stage, build_plan, run_folder_paths
+from .stages import remove_output
 
 STATE_VERSION = 1
 
@@ -60,7 +62,15 @@ def load_state(run_dir: Path) -> dict:
 
 
 def is_done(stage: Stage, record: dict | None, run_dir: Path) -> bool:
-    return bool(record) and record.get("key") == stage.key and all((run_dir / o).exists() for o in stage.outputs)
+    """Its record's key is the stage's key, and every output is there holding the bytes recorded when it finished."""
+    return (bool(record) and record.get("key") == stage.key and all((run_dir / o).exists() for o in stage.outputs)
+            and not damaged_outputs(stage, record, run_dir))
+
+
+def damaged_outputs(stage: Stage, record: dict, run_dir: Path) -> list[str]:
+    """Outputs whose files changed (or went missing) since the stage recorded their content hashes."""
+    hashes = record.get("hashes") or {}
+    return [o for o in stage.outputs if o in hashes and changed_files(run_dir / o, hashes[o])]
 
 
 def _memory_need(stage: Stage, run_dir: Path) -> int:
@@ -83,20 +93,28 @@ class _Log:
 def run_pipeline(cfg: RunConfig, run_dir: Path, *, view: Callable | None = None) -> RunResult:
     """Run (or resume) ``cfg`` in ``run_dir``. ``view`` receives events: (event, stage, info)."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    paths = run_folder_paths(run_dir)
-    lock = open(run_dir / ".lock", "w")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ReamkitError(f"{run_dir} is a file, not a run folder", fix="choose another output folder")
+    executor = make_executor(cfg.executor)     # a cluster that cannot be joined fails here, before the folder
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ReamkitError(f"another reamkit run is working in {run_dir}", fix="wait for it, or use another folder") from None
-    try:
-        return _run_locked(cfg, run_dir, paths, view or (lambda *a: None))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        paths = run_folder_paths(run_dir)
+        lock = open(run_dir / ".lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise ReamkitError(f"another reamkit run is working in {run_dir}",
+                               fix="wait for it, or use another folder") from None
+        try:
+            return _run_locked(cfg, run_dir, paths, view or (lambda *a: None), executor)
+        finally:
+            lock.close()
     finally:
-        lock.close()
+        executor.close()
 
 
-def _run_locked(cfg: RunConfig, run_dir: Path, paths: dict, view: Callable) -> RunResult:
+def _run_locked(cfg: RunConfig, run_dir: Path, paths: dict, view: Callable, executor) -> RunResult:
     plan = plan_for(cfg)
     _sweep_stale_temps(run_dir)
     with atomic_file(paths["config"]) as tmp:          # what ``reamkit status`` reads back
@@ -107,16 +125,20 @@ def _run_locked(cfg: RunConfig, run_dir: Path, paths: dict, view: Callable) -> R
     result = RunResult(run_dir, plan)
     done: set[str] = set()
     for s in plan.order():
-        if is_done(s, records.get(s.id), run_dir):
+        rec = records.get(s.id)
+        if is_done(s, rec, run_dir):
             done.add(s.id)
             result.skipped.append(s.id)
+        elif rec and rec.get("key") == s.key:
+            for o in damaged_outputs(s, rec, run_dir):      # remade, not skipped by the stage's own manifest
+                log(f"{o} changed after {s.id} wrote it: making it again")
+                remove_output(run_dir / o)
     log(f"run: {len(plan.stages)} stages, {len(done)} already done; executor {cfg.executor.kind}")
     view("plan", None, {"plan": plan, "done": set(done)})
     budget = int((cfg.executor.memory_gb or psutil.virtual_memory().available / 1e9 * 0.8) * 1e9)
     pending = [s for s in plan.order() if s.id not in done]
     running: dict[object, Stage] = {}
     failed: list[tuple[str, str]] = []
-    executor = make_executor(cfg.executor)
     try:
         while pending or running:
             if not failed:
@@ -129,11 +151,11 @@ def _run_locked(cfg: RunConfig, run_dir: Path, paths: dict, view: Callable) -> R
                 stage = running.pop(handle)
                 if error is not None:
                     failed.append((stage.id, error))
-                    log(f"failed {stage.id}: {error}")
+                    log(f"failed {stage.id}: {error}; rerun the same command to resume")
                     view("failed", stage, {"error": error})
                     continue
                 records[stage.id] = {"key": stage.key, "kind": stage.kind, "outputs": stage.outputs,
-                                     "seconds": outcome["seconds"],
+                                     "seconds": outcome["seconds"], "hashes": outcome.get("hashes", {}),
                                      "finished": _dt.datetime.now().isoformat(timespec="seconds")}
                 write_json(paths["state"], state)
                 done.add(stage.id)
@@ -141,8 +163,16 @@ def _run_locked(cfg: RunConfig, run_dir: Path, paths: dict, view: Callable) -> R
                 result.seconds[stage.id] = outcome["seconds"]
                 log(f"done {stage.id} in {outcome['seconds']:.1f} s")
                 view("done", stage, outcome)
-    finally:
-        executor.close()
+    except KeyboardInterrupt as e:
+        executor.stop()                       # every worker and its tools, now
+        how = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+        stopped = ", ".join(s.id for s in running.values()) or "nothing"
+        log(f"interrupted ({how}): {len(done)} of {len(plan.stages)} stages done, stopped {stopped}")
+        stop = Interrupted(f"interrupted ({how}): {len(done)} of {len(plan.stages)} stages done, stopped {stopped}",
+                           fix="rerun the same command to resume")
+        stop.exit_code = 143 if isinstance(e, Terminated) else 130
+        _sweep_stale_temps(run_dir)           # what the stopped stages were writing
+        raise stop from None
     if failed:
         sid, error = failed[0]
         logfile = paths["logs"] / (sid.replace(":", "__") + ".log")

@@ -16,11 +16,13 @@ import time
 from pathlib import Path
 
 from ..errors import OutputExistsError
+from ..identity import output_hashes
 from ..manifest import manifest_path_for
 
 
 def run_stage(kind: str, stage_id: str, params: dict, outputs: list[str], run_dir: str) -> dict:
-    """Run one stage; its stdout and stderr go to ``RUN/logs/<stage>.log``. Returns ``{"seconds": ...}``."""
+    """Run one stage; its stdout and stderr go to ``RUN/logs/<stage>.log``. Returns ``{"seconds": ..., "hashes":
+    ...}``: the content hashes of its outputs, which the runner records to notice later damage."""
     root = Path(run_dir)
     log = root / "logs" / (stage_id.replace(":", "__") + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -32,9 +34,11 @@ def run_stage(kind: str, stage_id: str, params: dict, outputs: list[str], run_di
         except OutputExistsError as e:       # an output from an earlier configuration: remove it, redo
             print(f"removing stale outputs: {e.problem}", flush=True)
             for rel in outputs:
-                _remove(root / rel)
+                remove_output(root / rel)
             fn(root, params)
-    return {"seconds": round(time.perf_counter() - t0, 3)}
+    seconds = round(time.perf_counter() - t0, 3)
+    hashes = {rel: output_hashes(root / rel) for rel in outputs if (root / rel).exists()}
+    return {"seconds": seconds, "hashes": hashes}
 
 
 @contextlib.contextmanager
@@ -56,7 +60,7 @@ def _redirected(log: Path):
             os.close(saved[1])
 
 
-def _remove(p: Path) -> None:
+def remove_output(p: Path) -> None:
     if p.is_dir():
         shutil.rmtree(p)
     elif p.exists():

@@ -37,6 +37,8 @@ class LiveView:
 
     def __exit__(self, *exc) -> None:
         if self.live is not None:
+            if exc[0] is not None:
+                self.live.transient = True       # a failed run ends in its one error line, not the last frame
             self.live.__exit__(*exc)
 
     def _render(self):

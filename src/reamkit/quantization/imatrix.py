@@ -12,7 +12,6 @@ released mix); the built-in corpora contribute only their calibration part, neve
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ReamkitError
+from ..identity import file_hash
 from .inventory import Inventory, open_gguf
 
 OBSERVATION_KEYS = ("expert_in_sumsq", "expert_mid_sumsq", "expert_tokens")
@@ -122,7 +122,7 @@ def expert_coverage(entries: dict[str, tuple[int, np.ndarray]]) -> dict[int, flo
 def describe(path: Path, inv: Inventory, source: str) -> ImatrixInfo:
     entries = check_fits(path, inv)
     _, datasets, chunks = read_imatrix(path)
-    return ImatrixInfo(path=Path(path), sha256=sha256_file(path), source=source, datasets=datasets,
+    return ImatrixInfo(path=Path(path), sha256=file_hash(path), source=source, datasets=datasets,
                        chunks=chunks, coverage=expert_coverage(entries))
 
 
@@ -234,11 +234,3 @@ def _is_observations(p: Path) -> bool:
     except Exception:  # noqa: BLE001
         return False
     return any(re.match(r"layers\.\d+\.expert_tokens$", k) for k in keys)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

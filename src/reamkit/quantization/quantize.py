@@ -13,7 +13,6 @@ and renamed when complete, so a killed run leaves no partial output and a rerun 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ReamkitError, ToolchainError
-from ..fsutil import atomic_file
+from ..fsutil import atomic_file, check_writable
+from ..identity import check_gguf, file_hash
 from ..manifest import Manifest, existing_output_is_current, manifest_path_for, read_manifest, stage_key, write_manifest
 from . import imatrix as im
 from .inventory import Inventory, inventory_from_config, inventory_from_gguf
@@ -110,7 +110,9 @@ def prepare_reference(model: str | Path, out_dir: Path, opts: QuantizeOptions | 
 
 
 def _source_and_imatrix(model: str | Path, out_dir: Path, opts: QuantizeOptions):
-    """The checks that need no work: what the source is, and whether the imatrix request can be met."""
+    """The checks that need no work: the output folder is writable, what the source is, and whether the imatrix
+    request can be met."""
+    check_writable(out_dir)
     src = _Source.resolve(model, out_dir, opts)
     imatrix_arg = _check_imatrix_arg(opts.imatrix, src.inventory)
     if imatrix_arg == "auto":
@@ -122,7 +124,8 @@ def _prepare(src: _Source, imatrix_arg, model, out_dir: Path, opts: QuantizeOpti
     out_dir.mkdir(parents=True, exist_ok=True)
     reference = src.materialize()
     inv = src.inventory if src.model is None else inventory_from_gguf(reference)   # parse each GGUF once
-    ref_key = _file_key(reference)
+    check_gguf(reference)
+    ref_key = file_hash(reference)
     info = _resolve_imatrix(imatrix_arg, model, reference, ref_key, inv, src.name, out_dir, opts)
     return reference, ref_key, inv, info
 
@@ -213,7 +216,7 @@ def _resolve_imatrix(arg, model, reference: Path, ref_key: str, inv: Inventory, 
     observations = arg if isinstance(arg, Path) else im.find_observations(Path(model))
     target = out_dir / f"{name}.imatrix.gguf"
     if observations is not None:
-        params = {"source": "observations", "observations_sha256": im.sha256_file(observations)}
+        params = {"source": "observations", "observations_sha256": file_hash(observations)}
     else:
         params = {"source": "llama-imatrix", "chunks": opts.imatrix_chunks, "ctx": opts.imatrix_ctx,
                   "calibration": opts.calibration or "default"}
@@ -229,7 +232,8 @@ def _resolve_imatrix(arg, model, reference: Path, ref_key: str, inv: Inventory, 
                                        threads=opts.threads, on_line=bar.imatrix_line)
             write_manifest(manifest_path_for(target, folder=False), Manifest.new(
                 "imatrix", inputs={"reference": ref_key}, params=params,
-                info={"reference": str(reference), "observations": str(observations or "")}))
+                info={"reference": str(reference), "observations": str(observations or "")},
+                outputs={"sha256": file_hash(tmp)}))
     return im.describe(target, inv, "compression observations" if observations else "llama-imatrix")
 
 
@@ -272,7 +276,7 @@ def _run_ladder(reference: Path, ref_key: str, inv: Inventory, header: int, name
                     "quantize", inputs=inputs, params=params,
                     info={"reference": str(reference), "seconds": round(seconds, 3),
                           "imatrix": str(info.path) if info else None},
-                    outputs={"file": target.name, "bytes": size, "predicted_bytes": predicted,
+                    outputs={"file": target.name, "bytes": size, "sha256": file_hash(tmp), "predicted_bytes": predicted,
                              "fallbacks": fallbacks, "type_mismatches": mismatches}))
             variants.append(Variant(ft + LADDERS[opts.ladder], target, size, predicted, seconds, False, fallbacks,
                                     mismatches))
@@ -306,17 +310,6 @@ def _quantize_args(reference: Path, out: Path, ft: str, overrides, info, opts: Q
     for k, v in kv.items():
         args += ["--override-kv", f"{k}=str:{v[:127]}"]
     return [*args, reference, out, ft, opts.threads or os.cpu_count() or 1]
-
-
-def _file_key(path: Path) -> str:
-    """Identity of a reference GGUF: its conversion manifest's key, else size + header hash."""
-    found = read_manifest(path, folder=False)
-    if found is not None:
-        return found.key
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-    return f"{path.stat().st_size}-{h.hexdigest()[:16]}"
 
 
 class _Bar:

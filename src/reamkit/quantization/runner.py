@@ -24,13 +24,17 @@ def run_tool(name: str, args: list, *, on_line: Callable[[str], None] | None = N
                           text=True, errors="replace", bufsize=1, preexec_fn=die_with_parent, cwd=cwd,
                           env={**os.environ, "LLAMA_LOG_COLORS": "0", **repack_env(name), **linger_env()}) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            tail.append(line)
-            lines.append(line)
-            if on_line is not None:
-                on_line(line)
-        rc = proc.wait()
+        try:
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                tail.append(line)
+                lines.append(line)
+                if on_line is not None:
+                    on_line(line)
+            rc = proc.wait()
+        except BaseException:        # Ctrl-C, SIGTERM: the tool stops now, not when it is done
+            proc.kill()
+            raise
     if rc != 0:
         why = f"killed by signal {-rc}" if rc < 0 else f"exit {rc}"
         raise ToolchainError(f"{name} failed ({why}): {last_error_line(chr(10).join(tail))}")
