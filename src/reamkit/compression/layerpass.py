@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from ..checkpoint.writer import save_safetensors
 from ..fsutil import atomic_file
-from ..models.moe import MoEBlock, capture_moe_input
+from ..models.moe import MoEBlock, capture_moe_input, moe_tail, run_to_moe
 from ..runtime import LayerwiseModel
 from .cache import ActivationCache
 from .methods import MethodInput
@@ -185,18 +185,29 @@ class _Pass:
                             len(hidden), ObserveOptions(
                                 activation_samples=self.opts.activation_samples if "activations" in needs else 0,
                                 keep_logits="logits" in needs, seed=seed))
-        seen, handle = capture_moe_input(layer, adapter)
+        # The original layer's outputs are needed only by a non-sequential pass; otherwise the forward stops at
+        # the MoE block, and a sequential pass keeps the residual stream there for the compressed layer's pass.
+        stop = self.sequential or nxt is None
+        resid = (ActivationCache(self.work / f"r-{self._name(i)}", self.budget)
+                 if self.sequential and nxt is not None else None)
+        seen, handle = capture_moe_input(layer, adapter, stop=stop)
         try:
             for j in range(len(hidden)):
-                out = lw.run_layer(layer, bi, hidden[j], ctx(hidden[j]))
-                x = seen.pop()
-                stats.observe(block, x.reshape(-1, x.shape[-1]))
-                if self.sequential or nxt is None:
-                    del out
+                h = hidden[j]
+                if stop:
+                    run_to_moe(lw.run_layer, layer, bi, h, ctx(h))
+                    r, x = seen.pop()
+                    if resid is not None:
+                        resid.append(r)
                 else:
-                    nxt.append(out)
+                    nxt.append(lw.run_layer(layer, bi, h, ctx(h)))
+                    x = seen.pop()
+                stats.observe(block, x.reshape(-1, x.shape[-1]))
+                del h, x
         finally:
             handle.remove()
+        if resid is not None:
+            hidden.close()                    # the layer's inputs are not needed again: the residuals replace them
         release_memory()                      # the forward passes' freed blocks, before planning allocates
         mmap_threshold(1 << 20)
         try:
@@ -212,11 +223,12 @@ class _Pass:
         new_tensors = self._apply(load(), plan)
         rep.update(plan.to_json())
         save_safetensors(summary, self.work / f"stats-{self._name(i)}.safetensors")
-        if self.sequential and nxt is not None:
+        if resid is not None:                 # the compressed layer's outputs: attention is not computed again
             layer = lw.layer(bi, self._to(new_tensors)).to(self.device)
-            for j in range(len(hidden)):
-                nxt.append(lw.run_layer(layer, bi, hidden[j], ctx(hidden[j])))
+            for j in range(len(resid)):
+                nxt.append(moe_tail(layer, adapter, resid[j]))
             del layer
+            resid.close()
         self._save(i, new_tensors, rep)
         return rep
 
