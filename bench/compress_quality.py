@@ -2,9 +2,10 @@
 """How far each compression method moves a model: KL divergence from the uncompressed model on held-out code
 and held-out math (the corpora's evaluation part, never calibration text), every method at 25 % fewer experts.
 
-    python bench/compress_quality.py [--models qwen3_next,qwen3_moe,mixtral,demo] [--samples 32]
+    python bench/compress_quality.py [--models qwen3_next,qwen3_moe,mixtral,demo] [--methods ream,reap] [--samples 32]
 
-Prints one table per model: mean KL (nats/token) and top-1 agreement with the uncompressed model. On the
+Prints one table per model: mean KL (nats/token, ± its standard error over the held-out windows) and top-1
+agreement with the uncompressed model. On the
 random-weight zoo models the numbers say little about real models (unrelated experts average badly); the
 trained demo model is the meaningful row.
 """
@@ -50,6 +51,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="qwen3_next,qwen3_moe,mixtral,demo")
+    ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--samples", type=int, default=32, help="calibration sequences of 256 tokens")
     ap.add_argument("--windows", type=int, default=16, help="held-out windows of 256 tokens per domain")
     a = ap.parse_args()
@@ -62,7 +64,7 @@ def main() -> None:
             print(f"\n{name}: KL from the uncompressed model at 25% fewer experts "
                   f"({a.windows} x 256 held-out tokens per domain)")
             print(f"| method | KL code | KL math | top-1 code | top-1 math |\n|---|---|---|---|---|")
-            for method in METHODS:
+            for method in a.methods.split(","):
                 out = work / f"{name}-{method}"
                 compress(src, out, CompressOptions(method=method, ratio=0.25, samples=a.samples, seq_len=256,
                                                    batch_size=8))
@@ -70,9 +72,10 @@ def main() -> None:
                 agree = []
                 for k, v in data.items():
                     got = logprobs(out, v)
-                    row.append((ref[k].exp() * (ref[k] - got)).sum(-1).mean().item())
+                    kl = (ref[k].exp() * (ref[k] - got)).sum(-1).mean(-1)      # per held-out window
+                    row.append(f"{kl.mean().item():.4f} ± {kl.std().item() / len(kl) ** 0.5:.4f}")
                     agree.append((ref[k].argmax(-1) == got.argmax(-1)).double().mean().item())
-                print(f"| {method} | {row[0]:.4f} | {row[1]:.4f} | {agree[0]:.1%} | {agree[1]:.1%} |", flush=True)
+                print(f"| {method} | {row[0]} | {row[1]} | {agree[0]:.1%} | {agree[1]:.1%} |", flush=True)
                 shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -189,7 +189,7 @@ class ExpertStats:
         return block.expert_hidden(xs.to(block.router.dtype), idx.to(xs.device)).float().cpu()
 
     def summary_tensors(self) -> dict[str, torch.Tensor]:
-        """The per-expert statistics worth keeping on disk (not the per-token logits or samples), each once;
+        """The per-expert statistics worth keeping on disk (not the logits' Gram matrix or the samples), each once;
         counts and squared-input sums under the names the quantizer's importance matrix reads.
         The per-expert vectors stay float64, so a plan made from the saved file equals one made here."""
         renamed = {"freq": "expert_tokens", "in_sumsq": "expert_in_sumsq", "mid_sumsq": "expert_mid_sumsq"}
