@@ -11,6 +11,8 @@ Memory: the built layer keeps a bf16 checkpoint's experts in bf16 (:mod:`reamkit
 observation computes expert outputs a few experts at a time and keeps only small per-expert sums plus the
 sampled MoE inputs; alignment features are computed only for merged experts, one at a time; the plan is
 applied without stacking copies (kept experts are the loaded tensors themselves) and saved tensor by tensor;
+in a sequential pass the observing forward stops at the MoE block and keeps the residual stream there (in place
+of the layer's inputs), so the compressed layer's pass computes only residual + MoE, not the attention again;
 while a layer is planned, large blocks are mapped on their own so that freeing them returns them to the
 system (:func:`mmap_threshold`; glibc's heap otherwise keeps freed blocks, fragmented, up to 0.2 GB more on the
 bench checkpoint; doing so in the forward passes as well would cost ~80 % more time in page faults), and the
