@@ -10,7 +10,13 @@ compresses it by 25 % with REAM in a child process, and prints:
   that working set as a multiple of one layer's bytes: the figure that does not depend on the layer count
 * calibration tokens per second through the whole pass, and seconds per layer
 
+With ``--tokens`` it sweeps the calibration size instead (:mod:`compress_scale`): a generated checkpoint with
+Qwen3-Next's routing shape (512 experts, top-10, a shared expert; hidden and expert width scaled down), one
+child per size, its peak RSS, seconds per layer and token-layers/s; then what a Qwen3-Coder-Next compression at
+3072 x 512 tokens would take, from expert costs measured at that model's own expert shape.
+
     python bench/compress.py [--samples 16] [--seq-len 256] [--layers 48]
+    python bench/compress.py --tokens 16384,65536,262144 [--layers 2]
 """
 
 from __future__ import annotations
@@ -89,10 +95,17 @@ def child(model: str, out: str, samples: int, seq_len: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--seq-len", type=int, help="default 256 (512 with --tokens)")
+    ap.add_argument("--layers", type=int, help="default 48 (2 with --tokens)")
+    ap.add_argument("--tokens", help="comma-separated calibration sizes: sweep them on the routing-shape checkpoint")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.tokens:
+        from compress_scale import sweep
+
+        sweep([int(t) for t in a.tokens.split(",")], a.layers or 2, a.seq_len or 512)
+        return
+    a.layers, a.seq_len = a.layers or 48, a.seq_len or 256
     if a.child:
         child(a.child[0], a.child[1], a.samples, a.seq_len)
         return

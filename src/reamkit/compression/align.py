@@ -31,18 +31,25 @@ def weight_features(experts: Experts, idx: slice | torch.Tensor = slice(None)) -
     return F.normalize(feats, dim=-1)
 
 
-def _pca_basis(rows_of, n: int, rank: int, seed: int = 0, niter: int = 4
+def _pca_basis(rows_of, n: int, rank: int, seed: int = 0, niter: int = 4, keep_bytes: int = 64 << 20
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean [F], the top ``rank`` principal directions [F, q] and their singular values [q] of the (centred)
     rows ``rows_of(slice)`` gives
     for experts 0..n-1: the randomised SVD of ``torch.pca_lowrank`` (same random start for a seed, ``niter``
-    power iterations), computed with the rows streamed a few experts at a time instead of held at once."""
+    power iterations), computed with the rows streamed a few experts at a time instead of held at once (when all
+    rows take at most ``keep_bytes`` they are computed once and kept, with the same arithmetic)."""
     step = 2                                         # experts per block: 2 * D * 3H floats at a time
     blocks = [slice(s, min(n, s + step)) for s in range(0, n, step)]
+    kept: dict[int, torch.Tensor] = {}               # all blocks, when all rows fit ``keep_bytes``
 
     def rows(sl):
+        if sl.start in kept:
+            return kept[sl.start]
         r = rows_of(sl)
-        return r.reshape(-1, r.shape[-1]).float()
+        r = r.reshape(-1, r.shape[-1]).float()
+        if r.numel() * r.element_size() * n <= keep_bytes * (sl.stop - sl.start):
+            kept[sl.start] = r
+        return r
 
     total, acc = 0, None
     for sl in blocks:

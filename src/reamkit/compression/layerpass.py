@@ -15,6 +15,8 @@ Memory: the built layer keeps a bf16 checkpoint's experts in bf16 (:mod:`reamkit
 observation computes expert outputs a few experts at a time and keeps only small per-expert sums plus the
 sampled MoE inputs; alignment features are computed only for merged experts, one at a time; the plan is
 applied without stacking copies (kept experts are the loaded tensors themselves) and saved tensor by tensor;
+in a sequential pass the observing forward stops at the MoE block and keeps the residual stream there (in place
+of the layer's inputs), so the compressed layer's pass computes only residual + MoE, not the attention again;
 while a layer is planned, large blocks are mapped on their own so that freeing them returns them to the
 system (:func:`mmap_threshold`; glibc's heap otherwise keeps freed blocks, fragmented, up to 0.2 GB more on the
 bench checkpoint; doing so in the forward passes as well would cost ~80 % more time in page faults), and the
@@ -33,7 +35,7 @@ from safetensors.torch import load_file
 
 from ..checkpoint.writer import save_safetensors
 from ..fsutil import atomic_file
-from ..models.moe import MoEBlock, capture_moe_input
+from ..models.moe import MOE_NORM, MoEBlock, capture_moe_input, moe_tail, run_to_moe
 from ..runtime import LayerwiseModel
 from .cache import ActivationCache
 from .candidates import heldout_batches, heldout_rows
@@ -192,28 +194,39 @@ class _Pass:
                             len(hidden) - len(held), ObserveOptions(
                                 activation_samples=self.opts.activation_samples if "activations" in needs else 0,
                                 keep_logits="logits" in needs, seed=seed))
-        seen, handle = capture_moe_input(layer, adapter)
+        # The original layer's outputs are needed only by a non-sequential pass; otherwise the forward stops at
+        # the MoE block, and a sequential pass keeps the residual stream there for the compressed layer's pass.
+        stop = self.sequential or nxt is None
+        resid = (ActivationCache(self.work / f"r-{self._name(i)}", self.budget)
+                 if self.sequential and nxt is not None else None)
+        seen, handle = capture_moe_input(layer, adapter, stop=stop)
         try:
             for j in range(len(hidden)):
-                out = lw.run_layer(layer, bi, hidden[j], ctx(hidden[j]))
-                x = seen.pop()
+                h = hidden[j]
+                if stop:
+                    run_to_moe(lw.run_layer, layer, bi, h, ctx(h))
+                    r, x = seen.pop()
+                    if resid is not None:
+                        resid.append(r)
+                else:
+                    nxt.append(lw.run_layer(layer, bi, h, ctx(h)))
+                    x = seen.pop()
                 if j in held:
                     heldout.append(heldout_rows(x.reshape(-1, x.shape[-1]), len(held), seed + j))
                 else:
                     stats.observe(block, x.reshape(-1, x.shape[-1]))
-                if self.sequential or nxt is None:
-                    del out
-                else:
-                    nxt.append(out)
+                del h, x
         finally:
             handle.remove()
+        if resid is not None:
+            hidden.close()                    # the layer's inputs are not needed again: the residuals replace them
         release_memory()                      # the forward passes' freed blocks, before planning allocates
         mmap_threshold(1 << 20)
         try:
             plan = self.method.plan_layer(MethodInput(
                 stats, block, self.keep, self.mopts, heldout=heldout,
                 sequences=sum(len(b) for j, b in enumerate(self.batches) if j not in held),
-                moe_inputs=lambda: self._replay(layer, bi, hidden, ctx, held)))
+                moe_inputs=lambda: self._replay(layer, bi, hidden, ctx, held, resid)))
         finally:
             mmap_threshold(32 << 20)          # the ceiling glibc's own adaptive threshold settles at
         summary = stats.summary_tensors()
@@ -224,38 +237,52 @@ class _Pass:
         new_tensors = self._apply(load(), plan)
         rep.update(plan.to_json())
         save_safetensors(summary, self.work / f"stats-{self._name(i)}.safetensors")
-        # the compressed layer on the same inputs: the next layer's inputs (sequential methods) and what its
-        # experts see, the statistics of the compressed model's importance matrix
+        # the compressed layer on the same inputs: what its experts see (the statistics of the compressed model's
+        # importance matrix) and, for a sequential pass, the next layer's inputs. The MoE block's input does not
+        # change with the block, so a sequential pass computes it from the kept residual stream (attention is not
+        # computed again); otherwise the forward stops at the MoE block.
         layer = lw.layer(bi, self._to(new_tensors)).to(self.device)
         block = MoEBlock.from_tensors(adapter, self.config, adapter.layer_tensors(layer, "fused"), dtype=None)
         out_stats = OutputStats(block.num_experts, block.experts.gate.shape[2], block.experts.gate.shape[1])
-        seen, handle = capture_moe_input(layer, adapter)
+        seen, handle = capture_moe_input(layer, adapter, stop=resid is None)
         try:
-            for j in range(len(hidden)):
-                out = lw.run_layer(layer, bi, hidden[j], ctx(hidden[j]))
-                x = seen.pop()
+            for j in range(len(resid) if resid is not None else len(hidden)):
+                if resid is not None:
+                    nxt.append(moe_tail(layer, adapter, resid[j]))
+                    x = seen.pop()
+                else:
+                    run_to_moe(lw.run_layer, layer, bi, hidden[j], ctx(hidden[j]))
+                    _, x = seen.pop()
                 out_stats.observe(block, x.reshape(-1, x.shape[-1]))
-                if self.sequential and nxt is not None:
-                    nxt.append(out)
+                del x
         finally:
             handle.remove()
         del layer, block, seen
+        if resid is not None:
+            resid.close()
         save_safetensors(out_stats.summary_tensors(), self.work / f"ostats-{self._name(i)}.safetensors")
         self._save(i, new_tensors, rep)
         return rep
 
     @torch.no_grad()
-    def _replay(self, layer, bi, hidden: ActivationCache, ctx, held: set[int]):
-        """The MoE inputs [T, H] of the observed batches again, one batch at a time (a forward of the layer)."""
-        seen, handle = capture_moe_input(layer, self.adapter)
+    def _replay(self, layer, bi, hidden: ActivationCache, ctx, held: set[int], resid: ActivationCache | None):
+        """The MoE inputs [T, H] of the observed batches again, one batch at a time: the MoE norm of the kept
+        residual stream (a sequential pass), else a forward of the layer up to its MoE block."""
+        norm = layer.get_submodule(MOE_NORM)
+        seen, handle = capture_moe_input(layer, self.adapter, stop=True) if resid is None else ([], None)
         try:
-            for j in range(len(hidden)):
-                if j not in held:
-                    self.lw.run_layer(layer, bi, hidden[j], ctx(hidden[j]))
-                    x = seen.pop()
-                    yield x.reshape(-1, x.shape[-1])
+            for j in range(len(resid) if resid is not None else len(hidden)):
+                if j in held:
+                    continue
+                if resid is not None:
+                    x = norm(resid[j])
+                else:
+                    run_to_moe(self.lw.run_layer, layer, bi, hidden[j], ctx(hidden[j]))
+                    _, x = seen.pop()
+                yield x.reshape(-1, x.shape[-1])
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
 
     def _from_saved(self, i, done: int, total: int) -> dict:
         """Plan and compress layer ``i`` from saved observations: no forward pass at all."""

@@ -1,7 +1,8 @@
-"""Per-expert statistics of one MoE layer, accumulated over calibration batches.
+"""Per-expert statistics of one MoE layer, accumulated over calibration batches in a size that does not grow
+with the number of calibration tokens.
 
-Every routed expert is evaluated densely on every calibration token (in blocks of experts sized to a memory
-budget), as REAP and REAM both require. One pass gathers everything any method needs:
+Every routed expert is evaluated on every calibration token (in blocks of experts sized to a memory budget), as
+REAP and REAM both require. One pass gathers everything any method needs:
 
 * ``freq`` [N]           routed token counts |X_i| (tokens whose top-k includes i)
 * ``prob_mass`` [N]      sum over all tokens of the softmax probability p_i
@@ -14,13 +15,20 @@ budget), as REAP and REAM both require. One pass gathers everything any method n
 * ``gated_out_sum`` [N, H]  sum over all tokens of p_i * E_i (REAM's similarity of outputs)
 * ``out_sum`` [N, H]     sum over all tokens of E_i (HC-SMoE's characteristic activation)
 * ``in_sumsq`` [N, H], ``mid_sumsq`` [N, D]  sums over X_i of x^2 and h_i^2: an importance matrix per expert
-* ``logits``            router logits of every token [T, N] (REAM's logit profiles, M-SMoE's similarity)
-* ``x_samples``         the MoE input at a random subset of positions [S, H]; REAM's neuron alignment needs
-                        h_i there, computed on demand (:meth:`ExpertStats.activations`) for the few experts
-                        that are merged, instead of storing [N, S, D] for all (34 GB at Qwen3-Next scale)
+* ``logit_gram`` [N, N]  sum over all tokens of z z^T, z the router logits (float64). The logit profile v_i (expert
+                         i's logit on every token, REAM's and M-SMoE's similarity) enters only through inner
+                         products v_i . v_j, which are exactly these entries: :meth:`ExpertStats.logit_cosine`
+* ``x_samples``         the MoE input at ``activation_samples`` positions at most [S, H], S // batches drawn
+                        uniformly from each batch (one from each of the first S batches when there are more);
+                        REAM's neuron alignment needs h_i there, computed on demand
+                        (:meth:`ExpertStats.activations`) for the few experts that are merged
 
-Memory: the dense expert outputs are computed ``block_bytes`` at a time (a few experts per step), so the
-observation costs a few tens of MB however many experts the layer has.
+Sizes: 6N + N(3H + D) + N^2 float64 numbers and S x H inputs, whatever the number of calibration tokens.
+
+Speed: E_i = W_down,i h_i is linear in h_i, so the sums over all tokens of p_i E_i and E_i are W_down,i applied
+to the sums of p_i h_i and h_i; the down projection runs on the routed tokens only (where the norms are needed).
+Every expert's gate and up projections run on every token: a third of the dense cost is saved, and more
+as top-k / N falls. Memory: the hidden activations are computed ``block_bytes`` at a time (a few experts per step).
 """
 
 from __future__ import annotations
@@ -37,9 +45,9 @@ STAT_KEYS = ("freq", "prob_mass", "reap_sum", "paper_sum", "ref_chunk_sum", "ean
 
 @dataclass
 class ObserveOptions:
-    activation_samples: int = 32768       # positions of h_i kept per layer for alignment (0: none)
-    keep_logits: bool = True              # REAM / M-SMoE need every token's router logits
-    block_bytes: int = 32 << 20           # memory for one block of dense expert outputs
+    activation_samples: int = 32768       # positions of the MoE input kept per layer for alignment (0: none)
+    keep_logits: bool = True              # accumulate the router logits' Gram matrix (REAM, M-SMoE)
+    block_bytes: int = 32 << 20           # memory for one block of hidden activations
     seed: int = 0
 
 
@@ -57,9 +65,10 @@ class ExpertStats:
         self.freq, self.prob_mass, self.reap_sum, self.paper_sum = z(n), z(n), z(n), z(n)
         self.ref_chunk_sum, self.ean_sum = z(n), z(n)
         self.gated_out_sum, self.out_sum, self.in_sumsq, self.mid_sumsq = z(n, h), z(n, h), z(n, h), z(n, d)
+        self.logit_gram = z(n, n) if self.options.keep_logits else None
         self.tokens = 0
         self.batches = 0
-        self.logits: list[torch.Tensor] = []
+        self.sampled = 0
         self.x_samples: list[torch.Tensor] = []
         self._block: MoEBlock | None = None        # the block observed last (for activations on demand)
         self._gen = torch.Generator().manual_seed(self.options.seed)
@@ -75,39 +84,55 @@ class ExpertStats:
         gates = block.gates(logits)                                        # model's weights, 0 if not routed
         _, top = torch.topk(probs, block.routing.top_k, dim=-1)
         routed = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top, True)   # [T, N]
-        routed_f = routed.to(x.dtype)
-        self.freq += routed.sum(0).double()
-        self.prob_mass += probs.sum(0).double()
-        self.in_sumsq += (routed_f.T @ (x * x)).double()
-        if self.options.keep_logits:
-            self.logits.append(logits.float().cpu())
-        per = max(1, self.options.activation_samples // max(1, self.expected_batches))
-        pos = (torch.randperm(t, generator=self._gen)[:per].to(x.device)
-               if self.options.activation_samples else None)
-        if pos is not None:
-            self.x_samples.append(x[pos].clone())
+        self.freq += routed.sum(0).double().cpu()
+        self.prob_mass += probs.sum(0).double().cpu()
+        self.in_sumsq += (routed.to(x.dtype).T @ (x * x)).double().cpu()
+        if self.logit_gram is not None:
+            zd = logits.double()
+            self.logit_gram += (zd.T @ zd).cpu()
+        self._sample(x)
         self._block = block
         n = block.num_experts
-        step = max(1, int(self.options.block_bytes // max(1, t * (self.hidden + self.inter) * x.element_size())))
+        step = max(1, int(self.options.block_bytes // max(1, 3 * t * self.inter * x.element_size())))
         for s in range(0, n, step):
-            sl = slice(s, min(n, s + step))
-            h = block.expert_hidden(x, sl)                                 # [n, T, D]
-            e = block.expert_down(h, sl)                                   # [n, T, H]
-            norms = e.float().norm(dim=-1)                                 # [n, T]
-            r = routed[:, sl].T.float()                                    # [n, T]
-            p = probs[:, sl].T
-            g = gates[:, sl].T.float()
-            self.reap_sum[sl] += (g * norms).sum(1).double()
-            self.paper_sum[sl] += (r * p * norms).sum(1).double()
-            self.ean_sum[sl] += (r * norms).sum(1).double()
-            cnt = r.sum(1)
-            self.ref_chunk_sum[sl] += torch.where(cnt > 0, (r * p * p * norms).sum(1) / cnt.clamp(min=1), 0).double()
-            self.gated_out_sum[sl] += torch.einsum("nt,nth->nh", p.to(e.dtype), e).double()
-            self.out_sum[sl] += e.sum(1).double()
-            self.mid_sumsq[sl] += torch.einsum("nt,ntd->nd", r.to(h.dtype), h * h).double()
-            del h, e
+            self._experts(block, x, slice(s, min(n, s + step)), probs, gates, routed)
         self.tokens += t
         self.batches += 1
+
+    def _sample(self, x: torch.Tensor) -> None:
+        cap = self.options.activation_samples
+        if not cap or self.sampled >= cap:
+            return
+        per = min(max(1, cap // max(1, self.expected_batches)), cap - self.sampled)
+        pos = torch.randperm(x.shape[0], generator=self._gen)[:per].to(x.device)
+        self.x_samples.append(x[pos].clone())
+        self.sampled += len(pos)
+
+    def _experts(self, block: MoEBlock, x, sl: slice, probs, gates, routed) -> None:
+        """The statistics of the experts ``sl`` on one batch."""
+        h = block.expert_hidden(x, sl)                                     # [n, T, D]
+        down_t = block.experts.down[sl].to(h.dtype).transpose(1, 2)        # [n, D, H]
+        weights = torch.stack([probs[:, sl].T.to(h.dtype), torch.ones_like(h[:, :, 0])], dim=1)   # [n, 2, T]
+        sums = torch.bmm(torch.bmm(weights, h), down_t).double().cpu()    # [n, 2, H]: sums of p E and of E
+        self.gated_out_sum[sl] += sums[:, 0]
+        self.out_sum[sl] += sums[:, 1]
+        r = routed[:, sl].T                                                # [n, T]
+        cnt = r.sum(1)
+        most = int(cnt.max())
+        if not most:
+            return
+        order = torch.sort(r.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :most]  # routed first
+        valid = torch.arange(most, device=r.device)[None] < cnt[:, None]                            # [n, c]
+        hr = torch.gather(h, 1, order[..., None].expand(-1, -1, h.shape[-1]))                       # [n, c, D]
+        del h
+        norms = torch.bmm(hr, down_t).float().norm(dim=-1) * valid                                  # [n, c]
+        p = probs[:, sl].T.gather(1, order)
+        g = gates[:, sl].T.float().gather(1, order)
+        self.reap_sum[sl] += (g * norms).sum(1).double().cpu()
+        self.paper_sum[sl] += (p * norms).sum(1).double().cpu()
+        self.ean_sum[sl] += norms.sum(1).double().cpu()
+        self.ref_chunk_sum[sl] += torch.where(cnt > 0, (p * p * norms).sum(1) / cnt.clamp(min=1), 0).double().cpu()
+        self.mid_sumsq[sl] += (hr * hr * valid[..., None].to(hr.dtype)).sum(1).double().cpu()
 
     # ------------------------------------------------------------------ results
     def saliency(self, mode: str, sequences: int | None = None, chunk: int = 8) -> torch.Tensor:
@@ -132,8 +157,22 @@ class ExpertStats:
             return self.ref_chunk_sum / denom
         raise ValueError(f"unknown saliency mode {mode!r}")
 
-    def all_logits(self) -> torch.Tensor:
-        return torch.cat(self.logits) if self.logits else torch.empty(0, self.num_experts)
+    def logit_cosine(self) -> torch.Tensor:
+        """Cosine similarity [N, N] (float64) between the experts' logit profiles over all calibration tokens,
+        from their Gram matrix: cos(v_i, v_j) = G_ij / sqrt(G_ii G_jj) (0 for an all-zero profile)."""
+        if self.logit_gram is None:
+            raise ValueError("the router logits were not observed (keep_logits=False)")
+        norm = self.logit_gram.diagonal().clamp(min=0).sqrt()
+        return self.logit_gram / torch.outer(norm, norm).clamp(min=1e-300)
+
+    def statistic_sizes(self) -> dict[str, int]:
+        """Bytes of every accumulated statistic (none depends on the number of calibration tokens)."""
+        tensors = {k: getattr(self, k) for k in STAT_KEYS}
+        if self.logit_gram is not None:
+            tensors["logit_gram"] = self.logit_gram
+        sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
+        sizes["x_samples"] = sum(v.numel() * v.element_size() for v in self.x_samples)
+        return sizes
 
     def sampled_inputs(self) -> torch.Tensor:
         """The MoE inputs at the sampled positions [S, H]."""
@@ -150,7 +189,7 @@ class ExpertStats:
         return block.expert_hidden(xs.to(block.router.dtype), idx.to(xs.device)).float().cpu()
 
     def summary_tensors(self) -> dict[str, torch.Tensor]:
-        """The per-expert statistics worth keeping on disk (not the per-token logits or samples), each once;
+        """The per-expert statistics worth keeping on disk (not the logits' Gram matrix or the samples), each once;
         counts and squared-input sums under the names the quantizer's importance matrix reads.
         The per-expert vectors stay float64, so a plan made from the saved file equals one made here."""
         renamed = {"freq": "expert_tokens", "in_sumsq": "expert_in_sumsq", "mid_sumsq": "expert_mid_sumsq"}

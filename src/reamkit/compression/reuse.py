@@ -11,7 +11,7 @@ running the calibration set through the model again, when the plan depends on th
 * The observations must then come from a non-sequential run (any method): in a sequential run layer i+1
   was observed on the outputs of the *compressed* layer i, so its statistics belong to that compression.
 * ``ream`` cannot: it is sequential (each layer's inputs depend on how the previous layer was merged) and it
-  needs per-token router logits and sampled activations, which are not kept. ``m-smoe`` needs per-token logits;
+  needs the router logits' Gram matrix and sampled inputs, which are not saved. ``m-smoe`` needs that Gram matrix;
   ``hc-smoe`` clusters mean outputs that are saved only in float32, so a plan from them could differ from a
   fresh run's on near-ties -- neither reuses.
 """

@@ -91,12 +91,56 @@ class MoEBlock:
         return self.router.shape[0]
 
 
-def capture_moe_input(layer: torch.nn.Module, adapter: Adapter):
-    """Register a pre-hook on a decoder layer's MoE module that records its input; returns (list, handle)."""
+MOE_NORM = "post_attention_layernorm"       # the norm in front of the MoE block, in every supported family
+
+
+class _Stop(Exception):
+    """Raised by a capture hook to end a decoder layer's forward at its MoE block."""
+
+
+def capture_moe_input(layer: torch.nn.Module, adapter: Adapter, stop: bool = False):
+    """Register a pre-hook on a decoder layer's MoE module that records its input; returns (list, handle).
+
+    With ``stop`` the hook also records the layer's residual stream in front of the MoE block (the input of
+    its norm) -- ``seen`` then holds (residual, moe input) pairs -- and ends the layer's forward there: run the
+    layer through :func:`run_to_moe`. The MoE block itself and what follows it are not computed."""
     module = layer.get_submodule(adapter.moe)
-    seen: list[torch.Tensor] = []
+    seen: list = []
+    if not stop:
+        return seen, module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    resid: list[torch.Tensor] = []
 
     def hook(_module, args):
-        seen.append(args[0].detach())
+        seen.append((resid.pop(), args[0].detach()))
+        raise _Stop
 
-    return seen, module.register_forward_pre_hook(hook)
+    norm = layer.get_submodule(MOE_NORM).register_forward_pre_hook(lambda _m, args: resid.append(args[0].detach()))
+    handle = module.register_forward_pre_hook(hook)
+    return seen, _Handles(handle, norm)
+
+
+class _Handles:
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def run_to_moe(run, *args) -> None:
+    """Call ``run(*args)`` (a decoder layer's forward) when a :func:`capture_moe_input` hook with ``stop`` ends
+    it at the MoE block."""
+    try:
+        run(*args)
+    except _Stop:
+        return
+    raise RuntimeError("the decoder layer never reached its MoE block")
+
+
+def moe_tail(layer: torch.nn.Module, adapter: Adapter, resid: torch.Tensor) -> torch.Tensor:
+    """What a pre-norm decoder layer computes after its attention, from the residual stream ``resid`` in front of
+    the MoE block: ``resid + moe(norm(resid))``; the same operations as the layer's own forward, so the same
+    values, without computing the attention again."""
+    out = layer.get_submodule(adapter.moe)(layer.get_submodule(MOE_NORM)(resid))
+    return resid + (out[0] if isinstance(out, tuple) else out)

@@ -1,7 +1,7 @@
 """M-SMoE (MC-SMoE without its low-rank step): frequency centroids, router-logit grouping, weight matching.
 
 The ``keep`` most frequently routed experts are centroids; every other expert joins the centroid whose router
-logits over the calibration tokens are most similar (cosine). Before averaging (weights proportional to routed
+logits over the calibration tokens are most similar (cosine, from the logits' Gram matrix). Before averaging (weights proportional to routed
 token counts), each member's neurons are permuted to match the centroid's by weight matching (Hungarian on
 the distances between normalised per-neuron weight rows).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..align import WeightFeatures, align_group, cosine_distance
+from ..align import WeightFeatures, align_group
 from ..plan import Group, LayerPlan, top_k_indices
 
 NAME = "m-smoe"
@@ -23,7 +23,7 @@ def plan_layer(inp) -> LayerPlan:
     st = inp.stats
     freq = st.freq
     centroids = top_k_indices(freq, inp.keep).tolist()
-    dist = cosine_distance(st.all_logits().T)                     # [N, N] over logit profiles
+    dist = 1 - st.logit_cosine()                                   # [N, N] over logit profiles
     groups = {c: [c] for c in centroids}
     others = [i for i in range(st.num_experts) if i not in groups]
     if others:

@@ -19,7 +19,8 @@ Variants (``variant``):
 
 Distance: d = 1 - (s_out + s_gate) / 2 with s_out = (1 + cos(m_i, m_j)) / 2 on the mean gated outputs m_i
 (plain mean outputs with ``gated_sim=False``) and s_gate = 1 - ||u_i - u_j|| / max, u_i expert i's router
-logits over all calibration tokens, normalised (dropped with ``gate_output=False``).
+logits over all calibration tokens, normalised (dropped with ``gate_output=False``); ||u_i - u_j|| follows
+exactly from the logits' Gram matrix, accumulated batch by batch (:mod:`..observe`).
 ``align=False`` skips the neuron alignment (an ablation: it shows what the Hungarian step is for).
 ``group_size="auto"`` chooses C per layer among 2, 4, 8, N/8 and 16 by the error each causes on held-out
 calibration batches (:mod:`..candidates`, as the ``auto`` method does with pruning among the candidates).
@@ -79,13 +80,19 @@ def distance(inp) -> torch.Tensor:
     u = torch.nn.functional.normalize(mean.double(), dim=-1)
     s = (1 + u @ u.T) / 2
     if opts["gate_output"]:
-        logits = st.all_logits()
-        v = torch.nn.functional.normalize(logits.double().T, dim=-1)          # [N, T]
-        d = torch.cdist(v, v)
+        d = logit_profile_distance(st)
         s = (s + (1 - d / d.max().clamp(min=1e-12))) / 2
     dist = 1 - s
     dist.fill_diagonal_(0)
     return dist
+
+
+def logit_profile_distance(stats) -> torch.Tensor:
+    """||u_i - u_j|| [N, N] for the normalised logit profiles u_i = v_i / ||v_i||: sqrt(2 - 2 cos(v_i, v_j)), the
+    cosine from the logits' Gram matrix (:meth:`ExpertStats.logit_cosine`); 0 on the diagonal."""
+    d = (2 - 2 * stats.logit_cosine()).clamp(min=0).sqrt()
+    d.fill_diagonal_(0)
+    return d
 
 
 def pseudo_groups(sal: torch.Tensor, dist: torch.Tensor, keep: int, group_size: int) -> dict[int, list[int]]:

@@ -1,0 +1,123 @@
+"""Compression at scale: the statistics a method reads do not grow with the calibration set, and the plans on a
+fixed model (the trained demo model) stay what they were when the per-token statistics were kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reamkit.compression import CompressOptions, compress
+from reamkit.compression.methods import MethodInput, get_method, method_options
+from reamkit.compression.observe import ExpertStats, ObserveOptions
+from reamkit.zoo import DEMO_MODEL
+
+from .test_compress_methods import make_block, tokens
+
+# Groups (members, centroid first) and kept experts of every layer of the demo model at 25 % fewer experts,
+# calibrated on 16 x 128 tokens, recorded with the earlier implementation that kept every token's router logits.
+PINNED = {
+    ("ream", ()): [
+        [[6, 3, 4, 11, 13], [0, 1, 2, 5, 6, 7, 8, 9, 10, 12, 14, 15]],
+        [[14, 4, 10, 8, 1], [0, 2, 3, 5, 6, 7, 9, 11, 12, 13, 14, 15]],
+        [[2, 1, 5, 8, 12], [0, 2, 3, 4, 6, 7, 9, 10, 11, 13, 14, 15]],
+        [[5, 1, 9, 12, 4], [0, 2, 3, 5, 6, 7, 8, 10, 11, 13, 14, 15]]],
+    ("ream", (("variant", "reference"),)): [
+        [[12, 11, 13, 14, 4], [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 12, 15]],
+        [[14, 4, 2, 10, 1], [0, 3, 5, 6, 7, 8, 9, 11, 12, 13, 14, 15]],
+        [[2, 10, 5, 8, 12], [0, 1, 2, 3, 4, 6, 7, 9, 11, 13, 14, 15]],
+        [[5, 1, 9, 8, 4], [0, 2, 3, 5, 6, 7, 10, 11, 12, 13, 14, 15]]],
+    ("m-smoe", ()): [
+        [[1, 7, 15], [8, 14], [11, 12], [0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 13]],
+        [[1, 10], [2, 5, 7], [12, 0], [1, 2, 3, 4, 6, 8, 9, 11, 12, 13, 14, 15]],
+        [[6, 7], [8, 3], [11, 1], [14, 10], [0, 2, 4, 5, 6, 8, 9, 11, 12, 13, 14, 15]],
+        [[2, 8, 10], [9, 13], [14, 0], [1, 2, 3, 4, 5, 6, 7, 9, 11, 12, 14, 15]]],
+}
+
+
+@pytest.mark.parametrize("method,options", list(PINNED))
+def test_plans_on_the_demo_model_are_pinned(method, options, tmp_path):
+    res = compress(DEMO_MODEL, tmp_path / "out", CompressOptions(method=method, ratio=0.25, samples=16, seq_len=128,
+                                                                 batch_size=4, method_options=dict(options)))
+    got = [[g["members"] for g in lay["groups"]] + [lay["kept"]] for lay in res.report["layers"] if lay["moe"]]
+    assert got == PINNED[(method, options)]
+
+
+def observed(block, x: torch.Tensor, batches: int, samples: int = 1024) -> ExpertStats:
+    st = ExpertStats(block.num_experts, x.shape[1], block.experts.gate.shape[1], batches,
+                     ObserveOptions(activation_samples=samples))
+    for chunk in x.chunk(batches):
+        st.observe(block, chunk)
+    return st
+
+
+@pytest.mark.parametrize("batches", [4, 200])
+def test_no_statistic_grows_with_the_calibration_tokens(batches):
+    """Doubling the tokens (same batch size, twice the batches) leaves every statistic's size unchanged; the
+    sampled alignment inputs never exceed their budget, even with more batches than samples."""
+    gen = torch.Generator().manual_seed(0)
+    block = make_block(gen)
+    x = tokens(gen, 8192)
+    half, full = observed(block, x[:4096], batches, samples=128), observed(block, x, 2 * batches, samples=128)
+    assert full.tokens == 2 * half.tokens
+    assert half.statistic_sizes() == full.statistic_sizes()
+    assert full.sampled == half.sampled <= 128
+    assert set(full.statistic_sizes()) >= {"logit_gram", "gated_out_sum", "x_samples", "reap_sum"}
+
+
+def test_logit_similarities_follow_exactly_from_the_gram_matrix():
+    """REAM's logit-profile distance and M-SMoE's cosine, computed from every token's logits as the methods
+    define them, equal what the accumulated Gram matrix gives."""
+    from reamkit.compression.methods.ream import distance
+
+    gen = torch.Generator().manual_seed(1)
+    block = make_block(gen)
+    x = tokens(gen, 2048)
+    st = observed(block, x, 4)
+    v = torch.nn.functional.normalize(block.router_logits(x).double().T, dim=-1)      # [N, T] profiles
+    d = torch.cdist(v, v)
+    assert torch.allclose(st.logit_cosine(), v @ v.T, atol=1e-12)
+    opts = method_options("ream", {})
+    mean = torch.nn.functional.normalize(st.gated_out_sum / st.tokens, dim=-1)
+    by_hand = 1 - ((1 + mean @ mean.T) / 2 + (1 - d / d.max())) / 2
+    by_hand.fill_diagonal_(0)
+    assert torch.allclose(distance(MethodInput(st, block, 12, opts)), by_hand, atol=1e-9)
+
+
+def test_sums_over_all_tokens_equal_the_dense_expert_outputs():
+    """The output sums come from the hidden activations (W_down applied once per batch), the norms from the
+    routed tokens only: both equal what the dense outputs of every expert on every token give."""
+    gen = torch.Generator().manual_seed(2)
+    block = make_block(gen)
+    x = tokens(gen, 512)
+    st = observed(block, x, 2)
+    e = block.expert_down(block.expert_hidden(x))                              # [N, T, H]
+    probs = torch.softmax(block.router_logits(x), -1)
+    routed = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, probs.topk(2, -1).indices, True)
+    assert torch.allclose(st.out_sum, e.sum(1).double(), rtol=1e-4, atol=1e-3)
+    assert torch.allclose(st.gated_out_sum, torch.einsum("tn,nth->nh", probs, e).double(), rtol=1e-4, atol=1e-3)
+    norms = e.norm(dim=-1).T                                                   # [T, N]
+    assert torch.allclose(st.ean_sum, (norms * routed).sum(0).double(), rtol=1e-5)
+    assert torch.allclose(st.paper_sum, (norms * probs * routed).sum(0).double(), rtol=1e-5)
+
+
+def test_the_compressed_layers_pass_skips_attention_but_computes_the_same(zoo_path):
+    """Stopping a decoder layer at its MoE block gives its MoE input and residual stream; the residual plus the
+    MoE of the normed residual is exactly the layer's output."""
+    from reamkit.models import open_model
+    from reamkit.models.moe import capture_moe_input, moe_tail, run_to_moe
+    from reamkit.runtime import LayerwiseModel
+
+    model = open_model(zoo_path)
+    lw = LayerwiseModel(model)
+    h = torch.randn(2, 32, model.config["hidden_size"], generator=torch.Generator().manual_seed(3))
+    ctx = lw.context(h)
+    i = model.adapter.moe_layers(model.config)[-1]
+    layer = lw.layer(i)
+    full = lw.run_layer(layer, i, h, ctx)
+    seen, handle = capture_moe_input(layer, model.adapter, stop=True)
+    run_to_moe(lw.run_layer, layer, i, h, ctx)
+    handle.remove()
+    (resid, x), = seen
+    with torch.no_grad():
+        assert torch.equal(moe_tail(layer, model.adapter, resid), full)
+        assert torch.equal(layer.post_attention_layernorm(resid), x)
