@@ -312,4 +312,6 @@ def test_ream_without_merging_is_the_original_restricted_to_the_kept_experts():
     g = masked.gates(masked_logits)
     outs = block.expert_down(block.expert_hidden(x))
     expected = torch.einsum("tn,nth->th", g, outs) + block.shared_term(x)
-    assert torch.allclose(small.forward(x), expected, atol=1e-5)
+    # float32 sums over 10 instead of 16 experts round differently: a tolerance relative to the outputs' scale
+    # (up to ~60 here); a dropped expert still contributing would move outputs by O(1)
+    assert torch.allclose(small.forward(x), expected, rtol=1e-5, atol=2e-6 * expected.abs().max().item())
