@@ -107,11 +107,11 @@ def suite_python() -> Path:
 
 
 def demo_gguf() -> Path:
-    from reamkit.gguf import convert_to_gguf
     from reamkit.zoo import DEMO_MODEL
 
-    path, _ = convert_to_gguf(DEMO_MODEL, cache_root() / "serve-conformance" / "demo.F16.gguf", dtype="f16")
-    return Path(path)
+    from .serving_helpers import cached_conversion
+
+    return Path(cached_conversion(DEMO_MODEL, cache_root() / "serve-conformance" / "demo.F16.gguf"))
 
 
 def _free_port() -> int:

@@ -29,8 +29,22 @@ KEY = "test-key-123"
 EOS_ID = 2   # <|im_end|> in the zoo tokenizer
 
 
-def tiny_coder_gguf_path() -> Path:
+def cached_conversion(model: Path, out: Path) -> Path:
+    """``model`` converted to an F16 GGUF kept in the reamkit cache across test runs; a cached file that an
+    earlier reamkit made from other inputs (or under other keys) is made again, not refused."""
+    from reamkit.errors import OutputExistsError
     from reamkit.gguf import convert_to_gguf
+    from reamkit.manifest import manifest_path_for
+
+    try:
+        return convert_to_gguf(model, out, dtype="f16")[0]
+    except OutputExistsError:
+        out.unlink(missing_ok=True)
+        manifest_path_for(out, folder=False).unlink(missing_ok=True)
+        return convert_to_gguf(model, out, dtype="f16")[0]
+
+
+def tiny_coder_gguf_path() -> Path:
     from reamkit.zoo import build_cached, cache_root
 
     out = cache_root() / "serve-tests" / "tiny-coder.F16.gguf"
@@ -43,8 +57,7 @@ def tiny_coder_gguf_path() -> Path:
         config["max_position_embeddings"] = 65536
         (model / "config.json").write_text(json.dumps(config, indent=2))
         shutil.copy(TEMPLATE, model / "chat_template.jinja")
-    convert_to_gguf(model, out, dtype="f16")
-    return out
+    return cached_conversion(model, out)
 
 
 @pytest.fixture(scope="session")
