@@ -132,6 +132,9 @@ def test_card_numbers_are_the_measured_ones(run):
         for col, key, rel in (("Size/GB", "size_gb", 5e-3), ("bits/weight", "bpw", 5e-3), ("KLD", "kld_mean", 1e-3),
                               ("same top-1 %", "top1_pct", 1e-3), ("pass@1", "pass_at_1", 1e-3),
                               ("pp t/s", "pp_tps", 5e-3), ("tg t/s", "tg_tps", 5e-3)):
+            if col not in cells and key in ("pp_tps", "tg_tps"):   # speeds within each other's errors (a busy
+                assert f"\n- {col}: " in text and "so it is not a column" in text, col   # machine): one line
+                continue
             assert float(cells[col].split()[0]) == pytest.approx(r[key], rel=rel, abs=1e-9), (t, col)
             if key in ("kld_mean", "top1_pct", "pp_tps", "tg_tps"):           # each figure with its error
                 assert cells[col].split()[1:3] == ["±", sig(r[f"{key}_se"])], (t, col)
