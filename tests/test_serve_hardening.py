@@ -323,7 +323,7 @@ def test_responses_stream_helper_and_the_verbose_log(server):
     assert final.usage.output_tokens == 12
     # the -v request log read the streamed Responses answer (it used to raise on it)
     line = [ln for ln in server.log.splitlines() if "POST /v1/responses" in ln and " stream " in ln][-1]
-    assert f'answered: {json.dumps(" ".join(final.output_text.split())[:120])[:-1]}' in line, line
+    assert f'answered: {json.dumps(" ".join(final.output_text.split())[:120], ensure_ascii=False)[:-1]}' in line, line
     assert "AttributeError" not in server.log and "Traceback" not in server.log
 
 
