@@ -27,9 +27,16 @@ def demo_q4(folder: Path) -> Path:
     from reamkit.toolchain import find_toolchain
     from reamkit.zoo import DEMO_MODEL
 
-    f16, _ = convert_to_gguf(DEMO_MODEL, folder / "demo.F16.gguf", dtype="f16")
+    from reamkit.errors import OutputExistsError
+
     q = folder / "demo.Q4_K_M.gguf"
-    if not q.is_file():
+    try:
+        f16, made = convert_to_gguf(DEMO_MODEL, folder / "demo.F16.gguf", dtype="f16")
+    except OutputExistsError:               # a scratch file an older reamkit made: make both again
+        for stale in (folder / "demo.F16.gguf", q):
+            stale.unlink(missing_ok=True)
+        f16, made = convert_to_gguf(DEMO_MODEL, folder / "demo.F16.gguf", dtype="f16")
+    if made or not q.is_file():
         find_toolchain().run("llama-quantize", [f16, q, "Q4_K_M", "2"])
     return q
 
