@@ -7,7 +7,8 @@ Without a model, the demo model's Q4_K_M is built once (F16 -> Q4_K_M) in a scra
 measures the same GGUF twice, in fresh run folders: first as the machine is ("as is": other programs may be
 running, and the CPU time they took is printed), then with one busy-loop process per core running (stopped when
 the measurement ends). Printed per round and side: tg median, its spread (robust sd / median), the standard error
-of the median, samples, the CPU other processes took (cores, mean over batches) and whether the figure was marked
+of the median, samples, the CPU other processes took (cores, mean over batches), the mean run queue (tasks running or waiting for
+a CPU) and whether the figure was marked
 busy. The result to look for: "as is" on an idle machine has a spread under 10% and is not busy; under the hog
 every figure is marked busy.
 """
@@ -61,7 +62,9 @@ def measure(gguf: Path, args, hog: bool) -> dict:
             p.kill()
             p.wait()
     others = statistics.fmean(b["others_cores"] for b in r.batches)
+    queue = [b["runnable"] for b in r.batches if b.get("runnable") is not None]
     return {"tg": r.tg_tps, "spread": r.tg_spread, "se": r.tg_tps_se, "n": r.tg_samples, "others": others,
+            "runnable": statistics.fmean(queue) if queue else float("nan"),
             "busy": r.busy, "threads": r.threads, "batches": len(r.batches)}
 
 
@@ -82,7 +85,7 @@ def main() -> None:
             rows[side].append(m)
             print(f"round {i + 1} {side:>5}: tg {m['tg']:8.1f} t/s ± {m['se']:.1f}, spread {m['spread']:.1%}, "
                   f"{m['n']} samples in {m['batches']} batches, {m['threads']} threads, others took "
-                  f"{m['others']:.2f} cores, busy {m['busy']}", flush=True)
+                  f"{m['others']:.2f} cores, {m['runnable']:.1f} runnable, busy {m['busy']}", flush=True)
     for side, ms in rows.items():
         print(f"{side:>5}: median spread {statistics.median(m['spread'] for m in ms):.1%}, tg medians "
               f"{min(m['tg'] for m in ms):.1f}-{max(m['tg'] for m in ms):.1f} t/s, marked busy "

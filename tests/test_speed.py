@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from reamkit.cli import app
 from reamkit.errors import ReamkitError
 from reamkit.evaluation import speed as speed_mod
+from reamkit.evaluation.cpuload import Load
 from reamkit.evaluation.speed import SpeedOptions, active_bytes_per_token, measure_speed
 from reamkit.toolchain import repack_decision
 
@@ -189,3 +190,30 @@ def test_threads_default_to_the_free_cores():
             h.kill()
             h.wait()
     assert free == 1
+
+
+def test_a_hog_beside_the_default_threads_is_busy(ladder, tmp_path):
+    """Busy loops on every core and the thread count left to its default (the free cores, so one): the loops
+    still want the core the benchmark runs on, so the figure is retried and marked busy, never clean."""
+    cores = os.cpu_count() or 1
+    hogs = _hogs(cores)
+    try:
+        r = measure_speed(ladder["Q2_K"], tmp_path, SpeedOptions(prompt=16, gen=4, repetitions=2,
+                                                                  busy_retries=1, busy_wait_s=0.2))
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    assert r.busy and len(r.batches) == 2 and all(b["busy"] for b in r.batches)
+    assert all(b["runnable"] > b["n_cpus"] for b in r.batches)
+
+
+@pytest.mark.parametrize("others, runnable, threads, busy", [
+    (0.05, 2.1, 2, False),      # quiet: our two threads are the run queue
+    (1.10, 3.0, 1, True),       # a loop kept to the free core by CPU time, but our thread waited for its CPU
+    (1.10, 2.1, 1, False),      # the other core's work, no waiting
+    (0.05, None, 2, False),     # no run-queue samples: CPU time alone decides
+    (0.90, None, 2, True),
+])
+def test_busy_counts_the_cpu_time_and_the_run_queue(others, runnable, threads, busy):
+    assert Load(1.0, others, 1.0, 2, runnable).busy(threads) is busy

