@@ -14,6 +14,7 @@ from reamkit.errors import ToolchainError
 from reamkit.gguf import convert_to_gguf
 from reamkit.llamacpp import repack
 from reamkit.llamacpp.doctor import doctor_checks
+from reamkit.llamacpp.gguf_file import open_gguf
 from reamkit.llamacpp.repack import RepackDecision, repack_decision
 from reamkit.llamacpp.toolchain import find_toolchain
 from reamkit.llamacpp.tools import run_tool
@@ -54,6 +55,19 @@ def test_probe_is_cached_per_build_and_cpu(monkeypatch):
     monkeypatch.setattr(repack, "probe_repack", lambda *a: pytest.fail("probed again despite the cache"))
     assert repack_decision() == decision
     repack_decision.cache_clear()
+
+
+def test_the_probe_model_is_quantized_and_evaluated(monkeypatch, tmp_path):
+    """The probe writes its own tiny model (no stage of reamkit's), quantizes it to Q4_0 and reaches the
+    decision cached for this CPU."""
+    monkeypatch.delenv(repack.REPACK_OVERRIDE, raising=False)
+    repack_decision.cache_clear()
+    cached = repack_decision()
+    decision = repack.probe_repack(find_toolchain(), tmp_path)
+    repack_decision.cache_clear()
+    assert decision == cached
+    q4 = open_gguf(tmp_path / "probe.Q4_0.gguf")
+    assert {t.tensor_type.name for t in q4.tensors if t.name.startswith("blk.0.ffn_")} == {"Q4_0", "F32"}
 
 
 def test_quantized_model_loads_through_the_helper(q4_gguf):
