@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def direct(reference: Path, out: Path, types: list[str], threads: int) -> float:
-    from reamkit.toolchain import find_toolchain
+    from reamkit.llamacpp.toolchain import find_toolchain
 
     quantize = str(find_toolchain().tool("llama-quantize"))
     t0 = time.perf_counter()

@@ -43,7 +43,7 @@ PROMPT = "Write a long story about a lighthouse keeper and the sea, with many de
 
 
 def llama_bench_tg(tool: Path, model: Path, threads: int, tokens: int, depth: int, env: dict, pin) -> float:
-    from reamkit.toolchain import repack_args
+    from reamkit.llamacpp.repack import repack_args
 
     cmd = [str(tool), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(tokens), "-d", str(depth),
            "-r", "1", "-o", "json", *repack_args("llama-bench")]     # repacking as the servers have it
@@ -134,7 +134,8 @@ def spread(values: list[float]) -> str:
 
 def run_model(args) -> None:
     from reamkit.serving.server import ServeOptions, free_port, llama_server_command
-    from reamkit.toolchain import find_toolchain, repack_env
+    from reamkit.llamacpp.repack import repack_env
+    from reamkit.llamacpp.toolchain import find_toolchain
 
     tc = find_toolchain()
     cpus = sorted(os.sched_getaffinity(0))[: args.threads]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 def demo_q4(folder: Path) -> Path:
     from reamkit.gguf import convert_to_gguf
-    from reamkit.toolchain import find_toolchain
+    from reamkit.llamacpp.tools import run_tool
     from reamkit.zoo import DEMO_MODEL
 
     from reamkit.errors import OutputExistsError
@@ -38,7 +38,7 @@ def demo_q4(folder: Path) -> Path:
             stale.unlink(missing_ok=True)
         f16, made = convert_to_gguf(DEMO_MODEL, folder / "demo.F16.gguf", dtype="f16")
     if made or not q.is_file():
-        find_toolchain().run("llama-quantize", [f16, q, "Q4_K_M", "2"])
+        run_tool("llama-quantize", [f16, q, "Q4_K_M", "2"])
     return q
 
 

@@ -66,7 +66,7 @@ def cache_root() -> Path:
 def suite_source() -> Path:
     """The pinned llama.cpp source's server tests (with the templates and media they read), extracted once."""
     from reamkit.fsutil import atomic_dir
-    from reamkit.toolchain import pins
+    from reamkit.llamacpp.toolchain import pins
 
     p = pins()
     target = cache_root() / f"llama-server-tests-{p.llama_cpp_commit}"
@@ -130,7 +130,8 @@ def run_side(side: str, work: Path, files: tuple[str, ...] = FILES, select: str 
              test_timeout: int = 120, timeout: float = 3600) -> dict[str, Outcome]:
     """Run the suite's ``files`` (``-k select``) against ``side`` ("llama-server" or "reamkit") in ``work``;
     returns each test id's outcome."""
-    from reamkit.toolchain import find_toolchain, repack_env
+    from reamkit.llamacpp.repack import repack_env
+    from reamkit.llamacpp.toolchain import find_toolchain
 
     import reamkit
 

@@ -37,13 +37,13 @@ def metadata(path: Path) -> dict:
 def eval_logits(path: Path, text: bytes = b"def add(a, b):\n    return a + b\n"):
     """Load a GGUF in the pinned llama.cpp and return its logits over ``text`` ([n_tokens, n_vocab]).
 
-    Weight repacking ("extra buffer types") follows reamkit's probe (:func:`reamkit.toolchain.load_llama`): on
+    Weight repacking ("extra buffer types") follows reamkit's probe (:func:`reamkit.llamacpp.repack.load_llama`): on
     CPUs that advertise AMX under a hypervisor that does not enable it, the AMX kernels fault; repacking changes
     speed, not results.
     """
     import numpy as np
 
-    from reamkit.toolchain import load_llama
+    from reamkit.llamacpp.repack import load_llama
 
     llm = load_llama(path, n_ctx=64, n_threads=2, logits_all=True)
     llm.eval(llm.tokenize(text))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from reamkit.gguf import convert_to_gguf
-from reamkit.toolchain import find_toolchain
+from reamkit.llamacpp.tools import run_tool
 from reamkit.zoo import DEMO_MODEL
 
 TYPES = ("Q8_0", "Q2_K")
@@ -19,6 +19,6 @@ def tiny_ladder(folder: Path, types: tuple[str, ...] = TYPES) -> dict[str, Path]
     for t in types:
         q = folder / f"demo.{t}.gguf"
         if not q.is_file():
-            find_toolchain().run("llama-quantize", [f16, q, t, "2"])
+            run_tool("llama-quantize", [f16, q, t, "2"])
         out[t] = q
     return out

@@ -66,7 +66,7 @@ def test_the_built_tools_and_source_are_the_pinned_ones():
 
 def fake_toolchain(tmp_path, *, commit: str, sdist_sha: str | None) -> Path:
     """A copy of the toolchain's layout whose tools claim ``commit`` and whose build recorded ``sdist_sha``."""
-    from reamkit.toolchain import TOOLS, find_toolchain
+    from reamkit.llamacpp.toolchain import TOOLS, find_toolchain
 
     real = find_toolchain()
     bin_dir = tmp_path / "bin"
@@ -84,7 +84,7 @@ def fake_toolchain(tmp_path, *, commit: str, sdist_sha: str | None) -> Path:
 
 
 def run_doctor_with(monkeypatch, bin_dir: Path, src: Path):
-    from reamkit import toolchain
+    from reamkit.llamacpp import toolchain
 
     monkeypatch.setattr(toolchain, "bin_dir", lambda: bin_dir)
     monkeypatch.setenv("REAMKIT_LLAMA_CPP_SRC", str(src))
@@ -102,7 +102,7 @@ def test_doctor_refuses_tools_built_from_another_commit(tmp_path, monkeypatch):
     fail = [ln for ln in res.output.splitlines() if "FAIL" in ln]
     assert len(fail) == 1 and "built from commit 4df29be4f" in fail[0] and "scripts/bootstrap.sh" in fail[0]
     from reamkit.errors import ToolchainError
-    from reamkit.toolchain import find_toolchain
+    from reamkit.llamacpp.toolchain import find_toolchain
 
     with pytest.raises(ToolchainError, match="4df29be4f"):     # and nothing converts with them
         find_toolchain()
@@ -117,7 +117,7 @@ def test_doctor_refuses_a_build_from_another_sdist(tmp_path, monkeypatch):
 
 
 def test_doctor_names_the_fix_when_the_converter_is_missing(monkeypatch):
-    from reamkit import toolchain
+    from reamkit.llamacpp import toolchain
 
     monkeypatch.setenv("REAMKIT_LLAMA_CPP_SRC", "/nonexistent")
     toolchain.find_toolchain.cache_clear()
@@ -172,13 +172,12 @@ def test_demo_plans_the_whole_pipeline_on_the_trained_demo_model(tmp_path):
     assert plan.stages["compare"].params["run"]["description"] == DESCRIPTION       # the card says which model
 
 
-def test_toolchain_run_reports_a_failing_tool_in_one_line(tmp_path):
+def test_a_failing_tool_is_reported_in_one_line(tmp_path):
     from reamkit.errors import ToolchainError
-    from reamkit.toolchain import find_toolchain
+    from reamkit.llamacpp.tools import run_tool
 
-    tc = find_toolchain()
     with pytest.raises(ToolchainError) as e:
-        tc.run("llama-quantize", [tmp_path / "missing.gguf", tmp_path / "out.gguf", "Q4_K_M"])
+        run_tool("llama-quantize", [tmp_path / "missing.gguf", tmp_path / "out.gguf", "Q4_K_M"])
     msg = str(e.value)
     assert msg.startswith("llama-quantize failed (exit") and "\n" not in msg
     assert not (tmp_path / "out.gguf").exists()

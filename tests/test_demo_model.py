@@ -98,16 +98,15 @@ def test_f32_gguf_matches_transformers(demo, demo_f32, figure):
 def test_every_ladder_type_loads_in_llama_cpp(demo_f32, tmp_path, figure):
     """Each of the 11 types is produced with its own tensor types (no silent fallback for 256-wide rows) and
     runs in the pinned llama.cpp, predicting the F32 model's next token most of the time."""
-    from reamkit.toolchain import find_toolchain
+    from reamkit.llamacpp.tools import run_tool
 
     from .quantize_support import eval_logits, tensor_types
 
-    tc = find_toolchain()
     ref = eval_logits(demo_f32)
     sizes = []
     for t in LADDER:
         out = tmp_path / f"demo.{t}.gguf"
-        tc.run("llama-quantize", [demo_f32, out, t, "2"])
+        run_tool("llama-quantize", [demo_f32, out, t, "2"])
         expert_type = tensor_types(out)["blk.0.ffn_gate_exps.weight"]
         assert expert_type.startswith(t.split("_")[0]), (t, expert_type)
         scores = eval_logits(out)

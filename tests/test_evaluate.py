@@ -14,7 +14,7 @@ from reamkit.cli import app
 from reamkit.errors import ReamkitError
 from reamkit.evaluation import FidelityOptions, evaluate_fidelity, parse_kld_output
 from reamkit.gguf import convert_to_gguf
-from reamkit.toolchain import load_llama
+from reamkit.llamacpp.repack import load_llama
 
 from .report_support import tiny_ladder
 

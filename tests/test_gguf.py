@@ -11,7 +11,7 @@ import torch
 
 from reamkit.gguf import convert_to_gguf
 from reamkit.manifest import read_manifest
-from reamkit.toolchain import find_toolchain
+from reamkit.llamacpp.toolchain import find_toolchain
 
 from .conftest import constraints_pin, hf_logits, reference_ids
 

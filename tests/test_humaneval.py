@@ -17,7 +17,7 @@ from reamkit.evaluation.humaneval import (STOP_SEQUENCES, HumanEvalOptions, Task
                                           mean_pass_at_k, pass_at_k, read_completions, run_humaneval,
                                           score_completions)
 from reamkit.gguf import convert_to_gguf
-from reamkit.toolchain import load_llama
+from reamkit.llamacpp.repack import load_llama
 from reamkit.zoo import DEMO_MODEL
 
 GEN = dict(limit=3, max_tokens=48, threads=2)

@@ -1,4 +1,4 @@
-"""The llama.cpp tools get a grace at exit for their log thread (see reamkit.linger)."""
+"""The llama.cpp tools get a grace at exit for their log thread (see reamkit.llamacpp.process)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import subprocess
 import time
 
-from reamkit.linger import LINGER_MS, linger_env, linger_library
+from reamkit.llamacpp.process import LINGER_MS, linger_env, linger_library
 
 
 def _wall(env: dict) -> float:

@@ -101,7 +101,7 @@ def test_disk_filling_up_midway_leaves_no_partial_file(ref, tmp_path, monkeypatc
     """The quantizer's write fails (file size limit, as a full disk would): one line, no file left."""
     import resource
 
-    import reamkit.quantization.runner as runner
+    import reamkit.llamacpp.process as runner
 
     def limited():
         resource.setrlimit(resource.RLIMIT_FSIZE, (4_000_000, 4_000_000))

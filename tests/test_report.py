@@ -24,7 +24,8 @@ from reamkit.report.compare import RECOMMEND_KLD_MARGIN, fmt
 from reamkit.report.families import QWEN3_CODER_NEXT_REAM
 from reamkit.report.fit import arch_from_config, kv_cache_bytes, recurrent_state_bytes
 from reamkit.serving import ServeOptions
-from reamkit.toolchain import find_toolchain, pins
+from reamkit.llamacpp.toolchain import pins
+from reamkit.llamacpp.tools import run_tool
 
 from .report_support import tiny_ladder
 
@@ -284,7 +285,7 @@ def paired(run, tmp_path_factory) -> Path:
     shutil.copytree(run, folder, dirs_exist_ok=True)
     other = ladder["F16"].parent / "demo-reap.Q2_K.gguf"
     if not other.is_file():
-        find_toolchain().run("llama-quantize", ["--pure", ladder["F16"], other, "Q2_K", "2"])
+        run_tool("llama-quantize", ["--pure", ladder["F16"], other, "Q2_K", "2"])
     evaluate_fidelity([other], ladder["F16"], folder, FIDELITY)
     (folder / "humaneval" / "demo-reap.Q2_K.json").write_text(json.dumps({"pass_at_1": 0.19, "n_tasks": N_TASKS}))
     variants = json.loads((folder / "variants.json").read_text())

@@ -17,7 +17,7 @@ from reamkit.errors import ReamkitError
 from reamkit.evaluation import speed as speed_mod
 from reamkit.evaluation.cpuload import Load
 from reamkit.evaluation.speed import SpeedOptions, active_bytes_per_token, measure_speed
-from reamkit.toolchain import repack_decision
+from reamkit.llamacpp.repack import repack_decision
 
 from .report_support import tiny_ladder
 

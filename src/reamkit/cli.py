@@ -96,7 +96,7 @@ def _sigterm_unwinds():
 @user_errors
 def doctor() -> None:
     """Print the versions of the pinned toolchain and the paths of the llama.cpp tools."""
-    from .toolchain import doctor_checks
+    from .llamacpp.doctor import doctor_checks
 
     checks = doctor_checks()
     width = max(len(c.name) for c in checks)

@@ -1,5 +1,4 @@
-"""File identity: one content fingerprint for every file reamkit reads or writes, and a check of a GGUF's
-structure and content before it is used.
+"""File identity: one content fingerprint for every file reamkit reads or writes.
 
 :func:`file_hash` streams every byte of a file through SHA-256. The result is cached (a small SQLite file in the
 cache folder) under the file's device, inode, size, mtime and ctime, so a rerun does not read unchanged files
@@ -15,7 +14,6 @@ import sqlite3
 from pathlib import Path
 
 from .cache import cache_root
-from .errors import ReamkitError
 
 _CHUNK = 1 << 22
 
@@ -106,33 +104,3 @@ def changed_files(path: Path, recorded: dict[str, str]) -> list[Path]:
         if not p.is_file() or file_hash(p) != digest:
             bad.append(p)
     return bad
-
-
-def check_gguf(path: str | os.PathLike) -> None:
-    """Refuse, by name, a GGUF whose header or tensor table does not fit in the file (truncated, damaged), or
-    whose bytes differ from what its manifest recorded when it was written."""
-    from .manifest import manifest_path_for, read_manifest
-
-    path = Path(path)
-    if not path.is_file():
-        raise ReamkitError(f"no such GGUF file: {path}")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ReamkitError(f"{path} is not a GGUF file")
-    fix = "remove it and make it again (rerunning the run remakes it)"
-    try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path))
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    except Exception:  # noqa: BLE001 - any parse failure means the same thing here
-        raise ReamkitError(f"{path} is truncated or damaged: its header and tensor table do not fit in its "
-                           f"{size} bytes", fix=fix) from None
-    if end > size:
-        raise ReamkitError(f"{path} is truncated: its tensors end at byte {end}, the file has {size}", fix=fix)
-    found = read_manifest(path, folder=False)
-    recorded = found.outputs.get("sha256") if found else None
-    if recorded and file_hash(path) != recorded:
-        raise ReamkitError(f"{path} changed after it was written: its bytes no longer match "
-                           f"{manifest_path_for(path, folder=False).name}", fix=fix)

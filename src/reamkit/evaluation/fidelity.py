@@ -21,9 +21,10 @@ from pathlib import Path
 
 from ..errors import OutputExistsError, ReamkitError
 from ..fsutil import atomic_file, run_relative, write_json
-from ..identity import check_gguf, file_hash
+from ..identity import file_hash
+from ..llamacpp.gguf_file import check_gguf, open_gguf
 from ..manifest import Manifest, manifest_path_for, read_manifest, stage_key, write_manifest
-from ..quantization.runner import run_tool
+from ..llamacpp.tools import run_tool
 from .cpuload import free_cores
 from .stats import kld_uncertainty, sig
 
@@ -53,18 +54,11 @@ class Fidelity:
 
 def vocabulary(path: Path) -> tuple[int, str]:
     """(size, hash) of a GGUF's token list; refuses what is not a GGUF in one line."""
-    from gguf import GGUFReader
-
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ReamkitError(f"{path} is not a GGUF file")
+    reader = open_gguf(path)
     try:
-        reader = GGUFReader(str(path))
         tokens = reader.fields["tokenizer.ggml.tokens"].contents()
     except KeyError:
         raise ReamkitError(f"{path} has no tokenizer (tokenizer.ggml.tokens)") from None
-    except (ValueError, IndexError, OSError) as e:
-        raise ReamkitError(f"{path} cannot be read as a GGUF: {e}") from None
     return len(tokens), hashlib.sha256("\x00".join(tokens).encode()).hexdigest()[:16]
 
 
@@ -239,16 +233,11 @@ def evaluate_fidelity(variants: list[Path], reference: Path, run_dir: Path, opts
 def _perplexity(args: list, complete: Callable[[str], bool], attempts: int = 8) -> str:
     """Run llama-perplexity until its log is complete.
 
-    The tools run with a short grace at exit for their log thread (:mod:`reamkit.linger`); where that is not
-    enough (or no C compiler built it), the summary we parse can still be lost. The computation itself is complete
-    and deterministic, so running it again is correct, only slower.
+    The tools run with a short grace at exit for their log thread (:mod:`reamkit.llamacpp.process`); where that
+    is not enough (or no C compiler built it), the summary we parse can still be lost. The computation itself is
+    complete and deterministic, so running it again is correct, only slower.
     """
-    text = ""
-    for _ in range(attempts):
-        text = "\n".join(run_tool("llama-perplexity", args))
-        if complete(text):
-            break
-    return text
+    return run_tool("llama-perplexity", args, complete=complete, attempts=attempts).text
 
 
 def _scored_tokens(text: str, ctx: int) -> int:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from ..errors import ReamkitError
 from ..fsutil import atomic_file, write_json
-from ..identity import check_gguf, file_hash
+from ..identity import file_hash
+from ..llamacpp.gguf_file import check_gguf
 from ..manifest import (Manifest, existing_output_is_current, manifest_path_for, read_manifest, stage_key,
                         write_manifest)
 from .cpuload import free_cores
@@ -192,7 +193,7 @@ def generate_completions(gguf_path: Path, problems: dict[str, dict], opts: Human
                          progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Greedy raw completions of each prompt (no chat template) through the pinned llama.cpp bindings, cut at
     the first stop sequence. Rows: ``task_id``, ``completion``, ``finish_reason`` ("stop" or "length")."""
-    from ..toolchain import load_llama
+    from ..llamacpp.repack import load_llama
 
     llm = load_llama(gguf_path, n_ctx=opts.n_ctx, seed=0, n_threads=opts.threads or free_cores())
     rows = []

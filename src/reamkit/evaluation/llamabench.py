@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import subprocess
-import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ToolchainError
-from ..toolchain import find_toolchain, last_error_line, repack_args, repack_env
+from ..llamacpp.tools import run_tool
 from .cpuload import CpuWatch, Load
 
 SPREAD_TARGET = 0.05        # robust relative sd of the samples
@@ -123,43 +119,11 @@ def run_bench(gguf: Path, prompt: int, gen: int, repetitions: int, threads: int)
     model) to the next one (printed once the model and its context are ready). Peak RSS: the child's own
     high-water mark (``VmHWM``), polled until it exits; ``ru_maxrss`` cannot serve, because Linux carries the
     parent's RSS at fork time into it. CPU seconds: the child's, from ``wait4``."""
-    tool = find_toolchain().tool("llama-bench")
     args = ["-m", gguf, "-p", prompt, "-n", gen, "-r", repetitions, "-t", threads, "-o", "json", "--progress"]
-    args += repack_args("llama-bench", args)
     stamps: list[tuple[float, str]] = []
-    with tempfile.TemporaryFile(mode="w+") as stdout:
-        proc = subprocess.Popen([str(tool), *map(str, args)], stdout=stdout, stderr=subprocess.PIPE, text=True,
-                                errors="replace", stdin=subprocess.DEVNULL,
-                                env={**os.environ, "LLAMA_LOG_COLORS": "0", **repack_env("llama-bench")})
-
-        def read_err():
-            for line in proc.stderr:
-                stamps.append((time.perf_counter(), line.rstrip("\n")))
-
-        peak = [0]
-        done = threading.Event()
-
-        def poll_rss():
-            status_file = Path(f"/proc/{proc.pid}/status")
-            while not done.wait(0.02):
-                peak[0] = max(peak[0], _vm_hwm(status_file))
-
-        reader = threading.Thread(target=read_err, daemon=True)
-        poller = threading.Thread(target=poll_rss, daemon=True)
-        reader.start()
-        poller.start()
-        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)     # wait for the exit, leave it unreaped
-        done.set()
-        poller.join()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        reader.join(timeout=10)
-        stdout.seek(0)
-        text = stdout.read()
-    if proc.returncode != 0:
-        why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
-        raise ToolchainError(f"llama-bench failed on {gguf.name} ({why}): "
-                             f"{last_error_line(chr(10).join(s for _, s in stamps))}")
+    done = run_tool("llama-bench", args, on_line=lambda line: stamps.append((time.perf_counter(), line)),
+                    separate_stdout=True, measure_memory=True, on=gguf.name)
+    text = done.stdout
     try:
         rows = json.loads(text)
     except ValueError:
@@ -168,14 +132,4 @@ def run_bench(gguf: Path, prompt: int, gen: int, repetitions: int, threads: int)
     ready = next((t for t, s in stamps if start is not None and t > start and "benchmark 1/" in s
                   and "starting" not in s), None)
     load_s = (ready - start) if start is not None and ready is not None else float("nan")
-    return rows, load_s, peak[0], usage.ru_utime + usage.ru_stime
-
-
-def _vm_hwm(status_file: Path) -> int:
-    try:
-        for line in status_file.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return rows, load_s, done.peak_rss, done.cpu_s

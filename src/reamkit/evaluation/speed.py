@@ -27,9 +27,11 @@ from pathlib import Path
 
 from ..errors import ReamkitError
 from ..fsutil import run_relative, write_json
-from ..identity import check_gguf, file_hash
+from ..identity import file_hash
 from ..manifest import Manifest, manifest_path_for, read_manifest, stage_key, write_manifest
-from ..toolchain import cpu_fingerprint, find_toolchain, repack_decision
+from ..llamacpp.gguf_file import check_gguf, open_gguf, read_field
+from ..llamacpp.repack import cpu_fingerprint, repack_decision
+from ..llamacpp.toolchain import find_toolchain
 from .cpuload import free_cores, last_level_cache_bytes
 from .llamabench import sample
 
@@ -89,12 +91,10 @@ class SpeedResult:
 
 def active_bytes_per_token(path: Path) -> dict:
     """Bytes of weights one generated token reads, from the GGUF's tensor table (see the module docstring)."""
-    from ..quantization.inventory import _field, open_gguf
-
     reader = open_gguf(path)
-    arch = _field(reader, "general.architecture")
-    n_expert = int(_field(reader, f"{arch}.expert_count", 0))
-    top_k = int(_field(reader, f"{arch}.expert_used_count", 0)) if n_expert else 0
+    arch = read_field(reader, "general.architecture")
+    n_expert = int(read_field(reader, f"{arch}.expert_count", 0))
+    top_k = int(read_field(reader, f"{arch}.expert_used_count", 0)) if n_expert else 0
     experts = shared = embd = other = 0
     n_params = 0
     for t in reader.tensors:

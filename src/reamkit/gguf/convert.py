@@ -15,22 +15,21 @@ conversion leaves nothing behind and a repeated one is skipped.
 
 from __future__ import annotations
 
-import collections
 import math
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..children import die_with_parent
 from ..errors import MachineError, ReamkitError, ToolchainError
 from ..fsutil import atomic_file, check_free_space, check_writable
 from ..identity import file_hash
+from ..llamacpp import process
+from ..llamacpp.gguf_file import open_gguf
+from ..llamacpp.toolchain import find_toolchain
 from ..manifest import Manifest, existing_output_is_current, manifest_path_for, stage_key, write_manifest
 from ..models import open_model
-from ..toolchain import find_toolchain, last_error_line
 
 GGUF_DTYPES = ("f32", "f16", "bf16")
 _ENTRY = Path(__file__).with_name("converter_entry.py")
@@ -58,10 +57,11 @@ def convert_to_gguf(model: str | Path, out: Path, *, dtype: str = "f16", fallbac
     ckpt.check_finite()
     with atomic_file(out) as tmp:
         cmd = [sys.executable, str(_ENTRY), str(ckpt.path), "--outtype", dtype, "--outfile", str(tmp), *extra]
-        env = {**os.environ, "REAMKIT_LLAMA_CPP_SRC": str(tc.src_dir), "REAMKIT_FALLBACK_PRE": fallback_pre,
+        env = {"REAMKIT_LLAMA_CPP_SRC": str(tc.src_dir), "REAMKIT_FALLBACK_PRE": fallback_pre,
                "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-        env.pop("NO_LOCAL_GGUF", None)
-        tail = _run_streaming(cmd, env, on_line)
+        done = process.run(cmd, name="convert_hf_to_gguf.py", env=env, unset=("NO_LOCAL_GGUF",), on_line=on_line,
+                           grace=False, check=False)
+        tail = None if done.returncode == 0 else done.last_error
         if tail is not None and shutil.disk_usage(out.parent).free < (64 << 20):
             raise MachineError(f"no space left on the device holding {out} (the converter stopped: {tail[:120]})",
                                fix="free some space and convert again")
@@ -81,32 +81,12 @@ def _predicted_bytes(ckpt, dtype: str) -> int:
     return sum(math.prod(t.shape) for t in ckpt.tensors.values()) * width
 
 
-def _run_streaming(cmd: list[str], env: dict, on_line: Callable[[str], None] | None) -> str | None:
-    """Run the converter, forwarding its log lines; None on success, else its most telling error line."""
-    tail: collections.deque[str] = collections.deque(maxlen=400)
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1, preexec_fn=die_with_parent) as proc:
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                tail.append(line)
-                if on_line is not None:
-                    on_line(line.rstrip("\n"))
-            rc = proc.wait()
-        except BaseException:        # Ctrl-C, SIGTERM: the converter stops now, not when it is done
-            proc.kill()
-            raise
-    return None if rc == 0 else last_error_line("".join(tail))
-
-
 def _check_gguf(path: Path) -> int:
-    """Open the result with gguf-py; a converter that 'succeeded' with a broken file is an error."""
-    from gguf import GGUFReader
-
+    """Open the result; a converter that 'succeeded' with a broken file is an error."""
     try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
-        raise ToolchainError(f"the converter wrote an unreadable GGUF: {e}") from None
+        reader = open_gguf(path)
+    except ReamkitError as e:
+        raise ToolchainError(f"the converter wrote an unreadable GGUF: {e.problem}") from None
     if not reader.tensors:
         raise ToolchainError("the converter wrote a GGUF without tensors")
     return len(reader.tensors)

@@ -21,7 +21,8 @@ import numpy as np
 
 from ..errors import ReamkitError
 from ..identity import file_hash
-from .inventory import Inventory, open_gguf
+from ..llamacpp.gguf_file import open_gguf
+from .inventory import Inventory
 
 OBSERVATION_KEYS = ("expert_in_sumsq", "expert_mid_sumsq", "expert_tokens")
 _EXPERT_INPUTS = {"ffn_gate_exps": "expert_in_sumsq", "ffn_up_exps": "expert_in_sumsq",
@@ -133,7 +134,7 @@ def compute_imatrix(reference: Path, out: Path, *, spec: str | None = None, chun
     import os
     import tempfile
 
-    from .runner import run_tool
+    from ..llamacpp.tools import run_tool
 
     with tempfile.TemporaryDirectory(prefix="reamkit-imatrix-") as tmp:
         label = re.sub(r"[^A-Za-z0-9=.,_-]+", "_", spec or "code=0.7,math=0.3")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ReamkitError
+from ..llamacpp.gguf_file import open_gguf, read_field
 from .rules import ModelFacts, Tensor
 
 GGUF_ARCH = {"qwen3_next": "qwen3next", "qwen3_moe": "qwen3moe", "mixtral": "llama"}
@@ -117,43 +118,11 @@ def _converter_type(name: str, shape: tuple[int, ...], ref_type: str) -> str:
 def inventory_from_gguf(path: Path) -> Inventory:
     """The tensors and hyperparameters of a GGUF file (header only; the data is not read)."""
     reader = open_gguf(path)
-    arch = _field(reader, "general.architecture")
-    n_layer = int(_field(reader, f"{arch}.block_count"))
-    n_head = int(_field(reader, f"{arch}.attention.head_count"))
-    n_kv = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
-    n_exp = int(_field(reader, f"{arch}.expert_count", 0))
+    arch = read_field(reader, "general.architecture")
+    n_layer = int(read_field(reader, f"{arch}.block_count"))
+    n_head = int(read_field(reader, f"{arch}.attention.head_count"))
+    n_kv = int(read_field(reader, f"{arch}.attention.head_count_kv", n_head))
+    n_exp = int(read_field(reader, f"{arch}.expert_count", 0))
     tensors = tuple(Tensor(t.name, tuple(int(d) for d in t.shape), t.tensor_type.name) for t in reader.tensors)
     return Inventory(arch=arch, tensors=tensors, header_bytes=int(reader.data_offset),
                      facts=ModelFacts(n_layer=n_layer, n_expert=n_exp, n_head=n_head, n_head_kv=n_kv))
-
-
-def open_gguf(path: Path):
-    """A GGUFReader, or a one-line error for a file that is missing, not a GGUF, or truncated."""
-    from gguf import GGUFReader
-
-    path = Path(path)
-    if not path.is_file():
-        raise ReamkitError(f"{path} does not exist")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ReamkitError(f"{path} is not a GGUF file (no GGUF magic)")
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001 - any parse failure means a damaged file
-        if "reshape" in str(e) or "offset" in str(e):      # the tensor data ends before the header says
-            raise ReamkitError(f"{path} is truncated: the file ends inside its tensor data") from None
-        raise ReamkitError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})") from None
-    size = path.stat().st_size
-    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    if end > size:
-        raise ReamkitError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}")
-    return reader
-
-
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        if default is None:
-            raise ReamkitError(f"the GGUF has no {key} metadata; is it a model file?")
-        return default
-    return f.contents()

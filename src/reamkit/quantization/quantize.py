@@ -23,13 +23,14 @@ from pathlib import Path
 
 from ..errors import ReamkitError, ToolchainError
 from ..fsutil import atomic_file, check_writable
-from ..identity import check_gguf, file_hash
+from ..identity import file_hash
+from ..llamacpp.gguf_file import check_gguf
+from ..llamacpp.tools import run_tool
 from ..manifest import Manifest, existing_output_is_current, manifest_path_for, read_manifest, stage_key, write_manifest
 from . import imatrix as im
 from .inventory import Inventory, inventory_from_config, inventory_from_gguf
 from .ladders import LADDERS, ladder_overrides, parse_types
 from .rules import REFERENCE_TYPES, choose_types
-from .runner import run_tool
 from .sizes import _num, data_bytes, estimate_header_bytes, pad
 
 _TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)\s+- \[.*?\], type =\s*(\w+),")
@@ -239,7 +240,7 @@ def _resolve_imatrix(arg, model, reference: Path, ref_key: str, inv: Inventory, 
 
 def _run_ladder(reference: Path, ref_key: str, inv: Inventory, header: int, name: str, out_dir: Path,
                 file_types: list[str], info: im.ImatrixInfo | None, opts: QuantizeOptions) -> list[Variant]:
-    from ..toolchain import find_toolchain
+    from ..llamacpp.toolchain import find_toolchain
 
     commit = find_toolchain().commit
     variants = []
@@ -264,7 +265,7 @@ def _run_ladder(reference: Path, ref_key: str, inv: Inventory, header: int, name
             with atomic_file(target) as tmp:
                 lines = run_tool("llama-quantize", _quantize_args(reference.resolve(), tmp.resolve(), ft, overrides, info,
                                                                   opts), cwd=info.path.parent if info else None,
-                                 on_line=bar.tensor_line)
+                                 on_line=bar.tensor_line).lines
                 got = tensor_types_from_log(lines)
                 if len(got) != len(inv.tensors):
                     raise ToolchainError(f"llama-quantize wrote {len(got)} of {len(inv.tensors)} tensors to {target.name}")

@@ -109,7 +109,7 @@ def _layer_plan_lines(facts: list[dict]) -> list[str]:
 
 
 def _llama_cpp_commit() -> str:
-    from ..toolchain import pins
+    from ..llamacpp.toolchain import pins
 
     return pins().llama_cpp_commit
 

@@ -92,22 +92,22 @@ def arch_from_config(c: dict) -> Arch:
 
 
 def arch_from_gguf(reader) -> Arch:
-    from ..quantization.inventory import _field
+    from ..llamacpp.gguf_file import read_field
 
-    a = _field(reader, "general.architecture")
-    n, h = int(_field(reader, f"{a}.block_count")), int(_field(reader, f"{a}.embedding_length"))
-    n_head = int(_field(reader, f"{a}.attention.head_count"))
-    n_kv = int(_field(reader, f"{a}.attention.head_count_kv", n_head))
-    kd = int(_field(reader, f"{a}.attention.key_length", h // n_head))
-    vd = int(_field(reader, f"{a}.attention.value_length", kd))
+    a = read_field(reader, "general.architecture")
+    n, h = int(read_field(reader, f"{a}.block_count")), int(read_field(reader, f"{a}.embedding_length"))
+    n_head = int(read_field(reader, f"{a}.attention.head_count"))
+    n_kv = int(read_field(reader, f"{a}.attention.head_count_kv", n_head))
+    kd = int(read_field(reader, f"{a}.attention.key_length", h // n_head))
+    vd = int(read_field(reader, f"{a}.attention.value_length", kd))
     vocab = next((int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight"), 0)
     if a != "qwen3next":
         return Arch(n, n, n_kv, kd, vd, n_vocab=vocab, n_embd=h)
-    interval = int(_field(reader, f"{a}.full_attention_interval", 4))
+    interval = int(read_field(reader, f"{a}.full_attention_interval", 4))
     full = sum(1 for i in range(n) if (i + 1) % interval == 0)
-    dk, nk = int(_field(reader, f"{a}.ssm.state_size")), int(_field(reader, f"{a}.ssm.group_count"))
-    inner = int(_field(reader, f"{a}.ssm.inner_size"))
-    return Arch(n, full, n_kv, kd, vd, n_linear=n - full, conv_kernel=int(_field(reader, f"{a}.ssm.conv_kernel")),
+    dk, nk = int(read_field(reader, f"{a}.ssm.state_size")), int(read_field(reader, f"{a}.ssm.group_count"))
+    inner = int(read_field(reader, f"{a}.ssm.inner_size"))
+    return Arch(n, full, n_kv, kd, vd, n_linear=n - full, conv_kernel=int(read_field(reader, f"{a}.ssm.conv_kernel")),
                 conv_dim=2 * nk * dk + inner, ssm_state=inner * dk, n_vocab=vocab, n_embd=h)
 
 
@@ -238,7 +238,7 @@ def family_candidates(fam) -> list[Candidate]:
 
 
 def run_candidates(run_dir: Path) -> list[Candidate]:
-    from ..quantization.inventory import open_gguf
+    from ..llamacpp.gguf_file import open_gguf
     from .compare import comparison_rows
 
     out = []

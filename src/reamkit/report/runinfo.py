@@ -93,14 +93,14 @@ class GGUFFacts:
 
 def gguf_facts(path: Path) -> GGUFFacts:
     """Parameter count, size and file type from a GGUF's header (the tensor data is not read)."""
-    from ..quantization.inventory import _field, open_gguf
+    from ..llamacpp.gguf_file import open_gguf, read_field
 
     reader = open_gguf(path)
     n_params = sum(int(t.n_elements) for t in reader.tensors)
     ftype = reader.fields.get("general.file_type")
     name = _TYPE_BY_ID.get(int(ftype.contents())) if ftype is not None else None
     return GGUFFacts(n_params=n_params, file_bytes=Path(path).stat().st_size, file_type=name,
-                     arch=str(_field(reader, "general.architecture")))
+                     arch=str(read_field(reader, "general.architecture")))
 
 
 @dataclass

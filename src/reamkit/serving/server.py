@@ -10,7 +10,6 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -19,9 +18,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from ..children import die_with_parent
+from ..cache import cache_root
 from ..errors import ReamkitError
-from ..toolchain import find_toolchain, last_error_line, repack_env
+from ..llamacpp import process
+from ..llamacpp.process import last_error_line
+from ..llamacpp.toolchain import find_toolchain
+from ..llamacpp.tools import start_server
 from .models import resolve_model
 
 log = logging.getLogger("reamkit.serve")
@@ -131,10 +133,7 @@ class LlamaServer:
         fd = key_pipe(key)
         try:
             self.cmd = cmd(f"/dev/fd/{fd}") if callable(cmd) else cmd
-            self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, pass_fds=(fd,), start_new_session=True,
-                                         preexec_fn=partial(die_with_parent, signal.SIGTERM),
-                                         env={**os.environ, **repack_env("llama-server")})
+            self.proc = start_server(self.cmd, log=self._log, pass_fds=(fd,))
         finally:
             os.close(fd)
 
@@ -168,15 +167,7 @@ class LlamaServer:
         return self.proc.poll() is None
 
     def stop(self, grace: float = 15.0) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            except ProcessLookupError:
-                pass
+        process.stop(self.proc, grace)
         self._log.close()
 
 
@@ -201,8 +192,6 @@ def _interrupt(signum, frame):
 
 
 def default_log_path(port: int) -> Path:
-    from ..zoo import cache_root
-
     return cache_root() / "logs" / f"llama-server-{port}-{os.getpid()}.log"
 
 
