@@ -46,7 +46,7 @@ def heldout_ids(model_dir: Path, kind: str, windows: int, seq_len: int) -> torch
 
 def logprobs(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
     from reamkit.models import open_model
-    from reamkit.runtime import LayerwiseModel
+    from reamkit.compression.layerwise import LayerwiseModel
 
     lw = LayerwiseModel(open_model(model_dir))
     return torch.cat([torch.log_softmax(lw.forward(ids[i:i + 4]).double(), -1) for i in range(0, len(ids), 4)])

@@ -18,7 +18,7 @@ from reamkit.compression import driver as driver_mod
 from reamkit.errors import ReamkitError
 from reamkit.models import open_model
 from reamkit.models.moe import MoEBlock
-from reamkit.runtime import LayerwiseModel
+from reamkit.compression.layerwise import LayerwiseModel
 
 from .conftest import hf_logits, reference_ids
 

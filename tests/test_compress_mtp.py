@@ -57,7 +57,7 @@ def test_mtp_input_is_the_last_hidden_state_and_the_next_token(mtp_model):
     and vLLM compute it (checked against a direct computation with the 1 + w RMSNorm of Qwen3-Next)."""
     from reamkit.compression.mtp import MTPInput
     from reamkit.models import open_model
-    from reamkit.runtime import LayerwiseModel
+    from reamkit.compression.layerwise import LayerwiseModel
 
     model = open_model(mtp_model)
     lw = LayerwiseModel(model)

@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from ..checkpoint.writer import save_safetensors
 from ..fsutil import atomic_file
 from ..models.moe import MOE_NORM, MoEBlock, capture_moe_input, moe_tail, run_to_moe
-from ..runtime import LayerwiseModel
+from .layerwise import LayerwiseModel
 from .cache import ActivationCache
 from .candidates import heldout_batches, heldout_rows
 from .methods import MethodInput, holdout_fraction
