@@ -228,7 +228,6 @@ def _row_counts(sources: list[Source], samples: int) -> list[int]:
 
 def _pack(tok, name: str, n_rows: int, seq_len: int, seed: int, eos: int) -> list[torch.Tensor]:
     buf: list[int] = []
-    rows: list[torch.Tensor] = []
     need = n_rows * seq_len
     for doc in documents(name, seed):
         buf.extend(tok(doc, add_special_tokens=False)["input_ids"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,6 @@ from ..manifest import Manifest, existing_output_is_current, manifest_path_for, 
 from ..models import Model, open_model
 from .layerpass import DTYPES, _Pass
 from .methods import get_method, holdout_fraction, method_options
-SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 @dataclass

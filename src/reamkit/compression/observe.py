@@ -165,15 +165,6 @@ class ExpertStats:
         norm = self.logit_gram.diagonal().clamp(min=0).sqrt()
         return self.logit_gram / torch.outer(norm, norm).clamp(min=1e-300)
 
-    def statistic_sizes(self) -> dict[str, int]:
-        """Bytes of every accumulated statistic (none depends on the number of calibration tokens)."""
-        tensors = {k: getattr(self, k) for k in STAT_KEYS}
-        if self.logit_gram is not None:
-            tensors["logit_gram"] = self.logit_gram
-        sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
-        sizes["x_samples"] = sum(v.numel() * v.element_size() for v in self.x_samples)
-        return sizes
-
     def sampled_inputs(self) -> torch.Tensor:
         """The MoE inputs at the sampled positions [S, H]."""
         return torch.cat(self.x_samples) if self.x_samples else torch.empty(0, self.hidden)

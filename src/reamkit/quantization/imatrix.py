@@ -23,7 +23,6 @@ from ..errors import ReamkitError
 from ..identity import file_hash
 from .inventory import Inventory, open_gguf
 
-OBSERVATION_KEYS = ("expert_in_sumsq", "expert_mid_sumsq", "expert_tokens")
 _EXPERT_INPUTS = {"ffn_gate_exps": "expert_in_sumsq", "ffn_up_exps": "expert_in_sumsq",
                   "ffn_down_exps": "expert_mid_sumsq"}
 
