@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ReamkitError
+from ..identity import file_hash
 from . import corpus
 
 DEFAULT_MIX = "code=0.7,math=0.3"
@@ -192,7 +193,7 @@ def build_calibration(tokenizer_dir: Path, spec: str = DEFAULT_MIX, *, samples: 
     tok_file = Path(tokenizer_dir) / "tokenizer.json"
     key_blob = json.dumps({"spec": [(s.name, s.weight) for s in sources], "samples": samples, "seq_len": seq_len,
                            "seed": seed, "corpus": corpus.VERSION,
-                           "tokenizer": hashlib.sha256(tok_file.read_bytes()).hexdigest() if tok_file.is_file()
+                           "tokenizer": file_hash(tok_file) if tok_file.is_file()
                            else str(tokenizer_dir)}, sort_keys=True)
     key = hashlib.sha256(key_blob.encode()).hexdigest()[:16]
     cache = (cache_dir or _cache_dir()) / f"calib-{key}.pt"
