@@ -113,9 +113,9 @@ def test_sums_over_all_tokens_equal_the_dense_expert_outputs():
 def test_the_compressed_layers_pass_skips_attention_but_computes_the_same(zoo_path):
     """Stopping a decoder layer at its MoE block gives its MoE input and residual stream; the residual plus the
     MoE of the normed residual is exactly the layer's output."""
+    from reamkit.compression.layerwise import LayerwiseModel
     from reamkit.models import open_model
     from reamkit.models.moe import capture_moe_input, moe_tail, run_to_moe
-    from reamkit.compression.layerwise import LayerwiseModel
 
     model = open_model(zoo_path)
     lw = LayerwiseModel(model)

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from reamkit.models import Experts, open_model
 from reamkit.compression.layerwise import LayerwiseModel
+from reamkit.models import Experts, open_model
 
 from .conftest import hf_logits, masked_router, reference_ids
 

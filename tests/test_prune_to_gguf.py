@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from reamkit.checkpoint import write_checkpoint
+from reamkit.compression.layerwise import LayerwiseModel
 from reamkit.gguf import convert_to_gguf
 from reamkit.models import Experts, open_model
-from reamkit.compression.layerwise import LayerwiseModel
 
 from .conftest import hf_logits, reference_ids
 from .test_gguf import llama_logits

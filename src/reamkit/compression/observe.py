@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..defaults import ACTIVATION_SAMPLES
 from ..models.moe import MoEBlock
 
 STAT_KEYS = ("freq", "prob_mass", "reap_sum", "paper_sum", "ref_chunk_sum", "ean_sum", "gated_out_sum",
@@ -45,7 +46,7 @@ STAT_KEYS = ("freq", "prob_mass", "reap_sum", "paper_sum", "ref_chunk_sum", "ean
 
 @dataclass
 class ObserveOptions:
-    activation_samples: int = 32768       # positions of the MoE input kept per layer for alignment (0: none)
+    activation_samples: int = ACTIVATION_SAMPLES   # positions of the MoE input kept per layer for alignment (0: none)
     keep_logits: bool = True              # accumulate the router logits' Gram matrix (REAM, M-SMoE)
     block_bytes: int = 32 << 20           # memory for one block of hidden activations
     seed: int = 0
