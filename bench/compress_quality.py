@@ -45,8 +45,8 @@ def heldout_ids(model_dir: Path, kind: str, windows: int, seq_len: int) -> torch
 
 
 def logprobs(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    from reamkit.compression.layerwise import LayerwiseModel
     from reamkit.models import open_model
-    from reamkit.runtime import LayerwiseModel
 
     lw = LayerwiseModel(open_model(model_dir))
     return torch.cat([torch.log_softmax(lw.forward(ids[i:i + 4]).double(), -1) for i in range(0, len(ids), 4)])
@@ -92,16 +92,17 @@ def table(results: dict, order: list[str]) -> str:
 
 
 def main() -> None:
+    from reamkit import defaults
     from reamkit.compression import CompressOptions, compress
     from reamkit.zoo import DEMO_MODEL, build_cached
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="demo,qwen3_next,qwen3_moe,mixtral")
     ap.add_argument("--methods", default=METHODS)
-    ap.add_argument("--samples", type=int, default=128, help="calibration sequences")
-    ap.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
-    ap.add_argument("--calib", default="code=0.7,math=0.3")
-    ap.add_argument("--ratio", type=float, default=0.25, help="fraction of experts removed")
+    ap.add_argument("--samples", type=int, default=defaults.CALIB_SAMPLES, help="calibration sequences")
+    ap.add_argument("--seq-len", type=int, default=defaults.CALIB_SEQ_LEN, help="tokens per calibration sequence")
+    ap.add_argument("--calib", default=defaults.CALIB_MIX)
+    ap.add_argument("--ratio", type=float, default=defaults.RUN_RATIO, help="fraction of experts removed")
     ap.add_argument("--windows", type=int, default=16, help="held-out sequences per domain")
     ap.add_argument("--window-len", type=int, default=128, help="tokens per held-out sequence")
     ap.add_argument("--save", type=Path, help="JSON of per-sequence results, reused and extended by a rerun")

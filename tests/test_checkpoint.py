@@ -89,7 +89,7 @@ BIG_LAYER_SCRIPT = textwrap.dedent("""
     tensors = ckpt.load_layer(layer)
     checksum = sum(float(t.double().sum()) if t.numel() < 1e6 else float(t.sum()) for t in tensors.values())
     after = peak()
-    print(json.dumps({"rise": after - before, "layer_bytes": ckpt.layer_nbytes(layer),
+    print(json.dumps({"rise": after - before, "layer_bytes": sum(t.nbytes for t in ckpt.layer_infos(layer).values()),
                       "total_bytes": ckpt.total_nbytes, "checksum": checksum}))
 """)
 

@@ -15,10 +15,10 @@ from reamkit.checkpoint import Checkpoint
 from reamkit.checkpoint.writer import write_checkpoint
 from reamkit.compression import CompressOptions, compress
 from reamkit.compression import driver as driver_mod
+from reamkit.compression.layerwise import LayerwiseModel
 from reamkit.errors import ReamkitError
 from reamkit.models import open_model
 from reamkit.models.moe import MoEBlock
-from reamkit.runtime import LayerwiseModel
 
 from .conftest import hf_logits, reference_ids
 

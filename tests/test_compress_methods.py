@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reamkit.compression.align import align
+from reamkit.compression.align import align_group
 from reamkit.compression.methods import MethodInput, get_method, method_options
 from reamkit.compression.methods.ream import pseudo_groups
 from reamkit.compression.observe import ExpertStats, ObserveOptions
@@ -19,6 +19,11 @@ from reamkit.models.base import Experts, Routing
 from reamkit.models.moe import MoEBlock
 
 H, D, N, K = 64, 32, 16, 2
+
+
+def align(centroid: int, other: int, *feature_sets) -> list[int]:
+    """The permutation of ``other``'s neurons onto the centroid's: :func:`align_group` for one pair."""
+    return align_group(centroid, [other], *feature_sets)[0]
 
 
 def make_block(gen: torch.Generator, n: int = N, shared: bool = True) -> MoEBlock:
@@ -198,10 +203,10 @@ def test_alignment_recovers_a_known_permutation():
     block, x = make_block(gen), tokens(gen)
     perm = torch.randperm(D, generator=gen)
     copy_expert(block, 5, 2, perm=perm)
-    from reamkit.compression.align import activation_features, pca_features, weight_features
+    from reamkit.compression.align import PCAFeatures, activation_features
 
     st = observe(block, x)
-    feats = [activation_features(st.activations()), pca_features(weight_features(block.experts))]
+    feats = [activation_features(st.activations()), PCAFeatures(block.experts)]
     found = align(2, 5, *feats)
     # expert 5's neuron a is expert 2's neuron perm[a]; alignment must map 2's neuron perm[a] back to a
     assert [found[int(p)] for p in perm] == list(range(D))
@@ -213,8 +218,6 @@ def test_group_alignment_holds_one_member_at_a_time():
     """A group's centroid features are computed once, each member's once, and a member's are gone before the
     next member's are made (a feature is [D, S]: 64 MB per expert at Qwen3-Next scale)."""
     import weakref
-
-    from reamkit.compression.align import align_group
 
     gen = torch.Generator().manual_seed(10)
     table = torch.randn(6, D, 16, generator=gen)

@@ -55,9 +55,9 @@ def test_mtp_block_is_compressed_like_the_decoder_layers(mtp_model, compressed):
 def test_mtp_input_is_the_last_hidden_state_and_the_next_token(mtp_model):
     """The calibration input of the MTP layer: fc(concat(enorm(embed(t+1)), hnorm(norm(h_t)))), as llama.cpp
     and vLLM compute it (checked against a direct computation with the 1 + w RMSNorm of Qwen3-Next)."""
+    from reamkit.compression.layerwise import LayerwiseModel
     from reamkit.compression.mtp import MTPInput
     from reamkit.models import open_model
-    from reamkit.runtime import LayerwiseModel
 
     model = open_model(mtp_model)
     lw = LayerwiseModel(model)

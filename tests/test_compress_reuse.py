@@ -35,7 +35,7 @@ def test_reuse_equals_a_fresh_run_without_calibrating(first_run, method, experts
     fresh = weights(compress(src, tmp_path / "fresh", CompressOptions(method=method, experts=experts, **TINY)).output)
 
     import reamkit.calibration.mixture as mixture
-    from reamkit.runtime import LayerwiseModel
+    from reamkit.compression.layerwise import LayerwiseModel
 
     def no_calibration(*a, **k):
         raise AssertionError("calibration ran")

@@ -81,9 +81,9 @@ def test_non_finite_weight_is_refused_with_its_name(qwen3_moe_copy, tmp_path, ba
     import torch
     from safetensors.torch import load_file, save_file
 
+    from reamkit.compression.layerwise import LayerwiseModel
     from reamkit.errors import CheckpointError
     from reamkit.models import open_model
-    from reamkit.runtime import LayerwiseModel
 
     name = "model.layers.2.mlp.experts.5.down_proj.weight"
     index = json.loads((qwen3_moe_copy / "model.safetensors.index.json").read_text())

@@ -6,8 +6,8 @@ import math
 
 import torch
 
+from reamkit.compression.layerwise import LayerwiseModel
 from reamkit.models import Experts, open_model
-from reamkit.runtime import LayerwiseModel
 
 from .conftest import hf_logits, masked_router, reference_ids
 
@@ -42,7 +42,7 @@ def test_layer_by_layer_matches_transformers(zoo_path, family, figure):
 
 def test_pruned_layer_handed_back_runs_at_its_own_size(zoo_path, family, figure):
     """The compression hand-off: a layer's tensors come back with half the experts (and the router rows to
-    match); the runtime builds and runs it, and it computes what the full layer computes when the removed
+    match); the layer-at-a-time model builds and runs it, and it computes what the full layer computes when the removed
     experts' router logits are -inf."""
     opened = open_model(zoo_path)
     ckpt, ad = opened.checkpoint, opened.adapter

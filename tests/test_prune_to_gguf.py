@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from reamkit.checkpoint import write_checkpoint
+from reamkit.compression.layerwise import LayerwiseModel
 from reamkit.gguf import convert_to_gguf
 from reamkit.models import Experts, open_model
-from reamkit.runtime import LayerwiseModel
 
 from .conftest import hf_logits, reference_ids
 from .test_gguf import llama_logits
@@ -59,5 +59,5 @@ def test_pruned_model_writes_reopens_converts_and_runs_in_llama_cpp(zoo_path, fa
     figure(f"{family}: pruned {n}->{len(keep)} experts, F32 GGUF vs transformers: mean KL {kl.mean():.3g}, top-1 "
            f"{top1:.1%}; pruned vs original max |dlogit| {(ref - original).abs().max():.3g}")
     assert kl.mean().item() < 1e-6 and top1 == 1.0
-    assert (layerwise - ref).abs().max().item() < 1e-4              # the runtime agrees on the pruned model
+    assert (layerwise - ref).abs().max().item() < 1e-4              # the layer-at-a-time model agrees on the pruned model
     assert (ref - original).abs().max().item() > 0.5                # and pruning really changed the model

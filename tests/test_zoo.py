@@ -36,8 +36,8 @@ def test_config_special_ids_are_the_tokenizers(zoo_path):
 def test_routers_have_no_near_ties(zoo_path, family, figure):
     """On real text the router-logit gap between the k-th and (k+1)-th expert stays far above float noise,
     so two correct implementations never pick different experts."""
+    from reamkit.compression.layerwise import LayerwiseModel
     from reamkit.models import open_model
-    from reamkit.runtime import LayerwiseModel
 
     opened = open_model(zoo_path)
     ckpt = opened.checkpoint

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from . import defaults as d
 from .errors import Interrupted, ReamkitError, Terminated, machine_error
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -24,6 +25,9 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+
+RUN_DIR = Path("reamkit-run")            # default run folder of ``run`` and ``release``
+EVAL_DIR = Path("reamkit-eval")          # default run folder of ``evaluate``, ``humaneval`` and ``speed``
 
 
 class Family(str, Enum):
@@ -138,8 +142,8 @@ def zoo(
 def convert(
     model: Annotated[str, typer.Argument(help="Hugging Face model folder, or hf:ORG/NAME for a Hub repo")],
     output: Annotated[Path, typer.Option("-o", "--output", help="GGUF file to write")],
-    dtype: Annotated[GGUFType, typer.Option("--dtype", help="tensor type of the GGUF")] = GGUFType.f16,
-    fallback_pre: Annotated[str, typer.Option(help="pre-tokenizer for tokenizers the converter does not know")] = "qwen2",
+    dtype: Annotated[GGUFType, typer.Option("--dtype", help="tensor type of the GGUF")] = GGUFType(d.GGUF_DTYPE),
+    fallback_pre: Annotated[str, typer.Option(help="pre-tokenizer for tokenizers the converter does not know")] = d.FALLBACK_PRE,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="show the converter's log")] = False,
 ) -> None:
     """Convert a checkpoint to GGUF with the pinned llama.cpp converter."""
@@ -157,14 +161,14 @@ def convert(
     out.print(f"{'wrote' if done else 'up to date:'} {path} ({size:.1f} MiB, {dtype.value})")
 
 
-@app.command()
+@app.command(help=f"The main job on the built-in trained demo model: REAM and REAP at {d.RUN_RATIO:.0%} fewer "
+             "experts plus the uncompressed model, each through the 11-type ladder, evaluated, compared and carded "
+             "(resumable: rerun to continue).")
 @user_errors
 def demo(
     output: Annotated[Path, typer.Option("-o", "--output", help="folder for the demo outputs")] = Path("demo-out"),
-    executor: Annotated[Executor, typer.Option(help="local processes or an existing Ray cluster")] = Executor.local,
+    executor: Annotated[Executor, typer.Option(help="local processes or an existing Ray cluster")] = Executor(d.EXECUTOR),
 ) -> None:
-    """The main job on the built-in trained demo model: REAM and REAP at 25% fewer experts plus the uncompressed
-    model, each through the 11-type ladder, evaluated, compared and carded (resumable: rerun to continue)."""
     from .pipeline import validate
     from .pipeline.demo import demo_config
     from .zoo import write_demo_model
@@ -188,22 +192,22 @@ class AgentClient(str, Enum):
 def serve(
     model: Annotated[str | None, typer.Argument(help="GGUF file, a pipeline's run folder, or a folder of <name>.<TYPE>.gguf files")] = None,
     variant: Annotated[str | None, typer.Option(help="variant of a run folder: Q4_K_M, ream:Q4_K_M or the full name (default: the recommended one)")] = None,
-    host: Annotated[str, typer.Option(help="address to listen on (loopback by default)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="REAMKIT_PORT", help="port to listen on (0: a free one)")] = 8080,
+    host: Annotated[str, typer.Option(help="address to listen on (loopback by default)")] = d.HOST,
+    port: Annotated[int, typer.Option(envvar="REAMKIT_PORT", help="port to listen on (0: a free one)")] = d.PORT,
     api_key: Annotated[str | None, typer.Option(envvar="REAMKIT_API_KEY", help="key clients must send (Bearer or x-api-key)")] = None,
-    ctx: Annotated[int, typer.Option(help="context size in tokens, shared by the parallel slots")] = 32768,
-    parallel: Annotated[int, typer.Option(help="requests decoded at once")] = 4,
+    ctx: Annotated[int, typer.Option(help="context size in tokens, shared by the parallel slots")] = d.CONTEXT,
+    parallel: Annotated[int, typer.Option(help="requests decoded at once")] = d.PARALLEL,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: llama.cpp's choice)")] = None,
-    cache_type: Annotated[str, typer.Option(help="KV cache type (f16, q8_0, ...)")] = "f16",
+    cache_type: Annotated[str, typer.Option(help="KV cache type (f16, q8_0, ...)")] = d.CACHE_TYPE,
     alias: Annotated[str | None, typer.Option(help="model name reported to clients (default: the file name)")] = None,
     chat_template_file: Annotated[Path | None, typer.Option(help="Jinja chat template instead of the GGUF's")] = None,
     log_file: Annotated[Path | None, typer.Option(help="llama-server's log (default: in the reamkit cache)")] = None,
-    max_body_mb: Annotated[float, typer.Option(help="largest request body accepted, in MiB")] = 8.0,
+    max_body_mb: Annotated[float, typer.Option(help="largest request body accepted, in MiB")] = d.MAX_BODY_MB,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="log each request's question and answer")] = False,
     allow_unknown_fields: Annotated[bool, typer.Option(help="pass every request field the API does not define through to llama-server, likely typos (max_token) too")] = False,
     strict_fields: Annotated[bool, typer.Option(help="refuse (400) every request field the API does not define, not only likely typos")] = False,
-    cors_origins: Annotated[str, typer.Option(help="origins browsers may call from: * (any, as llama-server), localhost, or a comma-separated list")] = "*",
-    layer_nice: Annotated[int, typer.Option(help="nice value of reamkit's own HTTP layer, so it does not preempt generation on busy cores (0: llama-server's priority)")] = 10,
+    cors_origins: Annotated[str, typer.Option(help="origins browsers may call from: * (any, as llama-server), localhost, or a comma-separated list")] = d.CORS_ORIGINS,
+    layer_nice: Annotated[int, typer.Option(help="nice value of reamkit's own HTTP layer, so it does not preempt generation on busy cores (0: llama-server's priority)")] = d.LAYER_NICE,
     print_client_config: Annotated[AgentClient | None, typer.Option(help="print a client's settings and exit")] = None,
     llama_arg: Annotated[list[str] | None, typer.Option("--llama-arg", help="extra llama-server option (repeatable)")] = None,
 ) -> None:
@@ -249,13 +253,13 @@ def serve(
 def quantize(
     model: Annotated[str, typer.Argument(help="Hugging Face model folder, or an F16/BF16/F32 GGUF")],
     output: Annotated[Path, typer.Option("-o", "--output", help="folder for the reference GGUF and the variants")],
-    ladder: Annotated[str, typer.Option(help="static (llama.cpp's mixes) or moe-aware (always-active tensors kept high)")] = "static",
+    ladder: Annotated[str, typer.Option(help="static (llama.cpp's mixes) or moe-aware (always-active tensors kept high)")] = d.LADDER_KIND,
     types: Annotated[str | None, typer.Option(help="comma-separated types (default: the 11-type ladder)")] = None,
-    imatrix: Annotated[str, typer.Option(help="auto (compression statistics, else llama-imatrix), none, or a file")] = "auto",
-    keep_type: Annotated[str, typer.Option(help="moe-aware ladder: type of the always-active tensors")] = "Q8_0",
-    calibration: Annotated[str | None, typer.Option(help="imatrix calibration mixture (default code=0.7,math=0.3)")] = None,
-    imatrix_chunks: Annotated[int, typer.Option(help="imatrix: chunks of --imatrix-ctx tokens")] = 64,
-    imatrix_ctx: Annotated[int, typer.Option(help="imatrix: tokens per chunk")] = 512,
+    imatrix: Annotated[str, typer.Option(help="auto (compression statistics, else llama-imatrix), none, or a file")] = d.IMATRIX,
+    keep_type: Annotated[str, typer.Option(help="moe-aware ladder: type of the always-active tensors")] = d.KEEP_TYPE,
+    calibration: Annotated[str | None, typer.Option(help=f"imatrix calibration mixture (default {d.CALIB_MIX})")] = None,
+    imatrix_chunks: Annotated[int, typer.Option(help="imatrix: chunks of --imatrix-ctx tokens")] = d.IMATRIX_CHUNKS,
+    imatrix_ctx: Annotated[int, typer.Option(help="imatrix: tokens per chunk")] = d.IMATRIX_CTX,
     name: Annotated[str | None, typer.Option(help="file name stem (default: the model's name)")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all)")] = None,
 ) -> None:
@@ -277,8 +281,8 @@ def sizes(
     model: Annotated[str, typer.Argument(help="model folder, its config.json, or a reference GGUF")],
     types: Annotated[str | None, typer.Option(help="comma-separated types (default: the 11-type ladder)")] = None,
     experts: Annotated[int | None, typer.Option(help="predict for this many experts per layer")] = None,
-    ladder: Annotated[str, typer.Option(help="static or moe-aware")] = "static",
-    keep_type: Annotated[str, typer.Option(help="moe-aware ladder: type of the always-active tensors")] = "Q8_0",
+    ladder: Annotated[str, typer.Option(help="static or moe-aware")] = d.LADDER_KIND,
+    keep_type: Annotated[str, typer.Option(help="moe-aware ladder: type of the always-active tensors")] = d.KEEP_TYPE,
     imatrix: Annotated[bool, typer.Option("--imatrix/--no-imatrix", help="quantized with an importance matrix")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON list")] = False,
 ) -> None:
@@ -300,23 +304,23 @@ def sizes(
 def compress(
     model: Annotated[str, typer.Argument(help="Hugging Face model folder (or hf:org/name)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="folder for the compressed model")],
-    method: Annotated[str, typer.Option(help="auto (per layer, REAP or REAM, whichever measures better), ream, reap, frequency, hc-smoe or m-smoe")] = "auto",
+    method: Annotated[str, typer.Option(help="auto (per layer, REAP or REAM, whichever measures better), ream, reap, frequency, hc-smoe or m-smoe")] = d.COMPRESS_METHOD,
     experts: Annotated[int | None, typer.Option(help="experts kept per layer")] = None,
     ratio: Annotated[float | None, typer.Option(help="or: fraction of experts removed (0.25: 512 -> 384)")] = None,
-    calib: Annotated[str, typer.Option(help="calibration mix: built-in code/math, local paths, datasets")] = "code=0.7,math=0.3",
-    samples: Annotated[int, typer.Option(help="calibration sequences")] = 128,
-    seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 512,
-    batch_size: Annotated[int, typer.Option(help="sequences per calibration batch")] = 8,
-    seed: Annotated[int, typer.Option(help="seed of the calibration sampling and the method")] = 0,
+    calib: Annotated[str, typer.Option(help="calibration mix: built-in code/math, local paths, datasets")] = d.CALIB_MIX,
+    samples: Annotated[int, typer.Option(help="calibration sequences")] = d.CALIB_SAMPLES,
+    seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = d.CALIB_SEQ_LEN,
+    batch_size: Annotated[int, typer.Option(help="sequences per calibration batch")] = d.CALIB_BATCH_SIZE,
+    seed: Annotated[int, typer.Option(help="seed of the calibration sampling and the method")] = d.CALIB_SEED,
     ream_variant: Annotated[str, typer.Option(help="REAM: paper, or reference (the released code's behaviour)")] = "paper",
     group_size: Annotated[str, typer.Option(help="REAM: largest merge group (0: every expert joins its nearest centroid; auto: chosen per layer by measured error)")] = "16",
     merging: Annotated[str, typer.Option(help="REAM: logits+weights, weights, logits, avg or none")] = "logits+weights",
     sequential: Annotated[bool | None, typer.Option("--sequential/--no-sequential", help="next layer sees the compressed layer (default: REAM yes, pruning no)")] = None,
     drop_mtp: Annotated[bool, typer.Option("--drop-mtp", help="remove the multi-token-prediction block")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
-    dtype: Annotated[str, typer.Option(help="compute dtype: float32, bfloat16, float16")] = "float32",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = d.DEVICE,
+    dtype: Annotated[str, typer.Option(help="compute dtype: float32, bfloat16, float16")] = d.COMPUTE_DTYPE,
     output_dtype: Annotated[str | None, typer.Option(help="dtype of the written weights (default: the input's)")] = None,
-    memory_budget: Annotated[float, typer.Option(help="GiB of hidden states kept in RAM before spilling to disk")] = 4.0,
+    memory_budget: Annotated[float, typer.Option(help="GiB of hidden states kept in RAM before spilling to disk")] = d.MEMORY_BUDGET_GB,
     observations: Annotated[str | None, typer.Option(help="plan from an earlier non-sequential run's compression/ folder instead of calibrating (reap, frequency)")] = None,
 ) -> None:
     """Cut the routed experts of every MoE layer (and of Qwen3-Next's MTP block, unless --drop-mtp) by REAM
@@ -360,12 +364,12 @@ def compress(
 def evaluate(
     variants: Annotated[list[Path], typer.Argument(help="GGUF variants to score")],
     reference: Annotated[Path, typer.Option("--reference", help="F16/BF16 GGUF of the uncompressed model")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="run folder (reference logits, results)")] = Path("reamkit-eval"),
-    sets: Annotated[str, typer.Option(help="held-out sets: code, math or both (comma-separated)")] = "code,math",
+    output: Annotated[Path, typer.Option("-o", "--output", help="run folder (reference logits, results)")] = EVAL_DIR,
+    sets: Annotated[str, typer.Option(help="held-out sets: code, math or both (comma-separated)")] = ",".join(d.EVAL_SETS),
     text: Annotated[Path | None, typer.Option(help="your own evaluation text instead of the held-out sets")] = None,
-    tokens: Annotated[int, typer.Option(help="scored tokens per set")] = 4096,
-    ctx: Annotated[int, typer.Option(help="context window (its second half is scored)")] = 512,
-    disk_budget_gb: Annotated[float, typer.Option(help="largest size of the stored reference logits")] = 4.0,
+    tokens: Annotated[int, typer.Option(help="scored tokens per set")] = d.EVAL_TOKENS,
+    ctx: Annotated[int, typer.Option(help="context window (its second half is scored)")] = d.EVAL_CTX,
+    disk_budget_gb: Annotated[float, typer.Option(help="largest size of the stored reference logits")] = d.DISK_BUDGET_GB,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: the cores other processes leave free)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON list")] = False,
 ) -> None:
@@ -397,10 +401,10 @@ def humaneval(
     model: Annotated[Path | None, typer.Argument(help="GGUF to complete the problems with (greedy, raw prompt)")] = None,
     completions: Annotated[Path | None, typer.Option("--completions", help="score task_id/completion JSONL made elsewhere")] = None,
     limit: Annotated[int | None, typer.Option(help="only the first N problems")] = None,
-    max_tokens: Annotated[int, typer.Option(help="most tokens generated per problem")] = 512,
-    output: Annotated[Path, typer.Option("-o", "--output", help="run folder (results in humaneval/)")] = Path("reamkit-eval"),
-    workers: Annotated[int, typer.Option(help="sandboxed programs run at once")] = 2,
-    timeout: Annotated[float, typer.Option(help="wall-clock seconds per program")] = 10.0,
+    max_tokens: Annotated[int, typer.Option(help="most tokens generated per problem")] = d.HUMANEVAL_MAX_TOKENS,
+    output: Annotated[Path, typer.Option("-o", "--output", help="run folder (results in humaneval/)")] = EVAL_DIR,
+    workers: Annotated[int, typer.Option(help="sandboxed programs run at once")] = d.HUMANEVAL_WORKERS,
+    timeout: Annotated[float, typer.Option(help="wall-clock seconds per program")] = d.HUMANEVAL_TIMEOUT_S,
     threads: Annotated[int | None, typer.Option(help="llama.cpp threads (default: the cores other processes leave free)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON list, one object per task")] = False,
 ) -> None:
@@ -450,7 +454,7 @@ def _run_and_summarize(cfg, output: Path) -> None:
 @user_errors
 def run_cmd(
     config: Annotated[Path, typer.Argument(help="run configuration (TOML); see reamkit.pipeline.config")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="run folder (resumable: rerun to continue)")] = Path("reamkit-run"),
+    output: Annotated[Path, typer.Option("-o", "--output", help="run folder (resumable: rerun to continue)")] = RUN_DIR,
 ) -> None:
     """Run the release pipeline from a config file: compress, convert, imatrix, quantize, evaluate, compare, card."""
     from .pipeline import load_config
@@ -462,39 +466,38 @@ def run_cmd(
 @user_errors
 def release(
     model: Annotated[str, typer.Argument(help="Hugging Face model folder, or hf:ORG/NAME")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="run folder (resumable: rerun to continue)")] = Path("reamkit-run"),
+    output: Annotated[Path, typer.Option("-o", "--output", help="run folder (resumable: rerun to continue)")] = RUN_DIR,
     name: Annotated[str | None, typer.Option(help="file-name stem of the outputs (default: the model folder's name)")] = None,
-    methods: Annotated[str, typer.Option(help="compression methods to compare, comma-separated ('' for none)")] = "auto,reap",
+    methods: Annotated[str, typer.Option(help="compression methods to compare, comma-separated ('' for none)")] = ",".join(d.RUN_METHODS),
     experts: Annotated[int | None, typer.Option(help="experts kept per layer")] = None,
-    ratio: Annotated[float | None, typer.Option(help="fraction of experts removed (default 0.25)")] = None,
-    calib: Annotated[str, typer.Option(help="calibration mixture")] = "code=0.7,math=0.3",
-    samples: Annotated[int, typer.Option(help="calibration sequences")] = 128,
-    seq_len: Annotated[int, typer.Option(help="calibration sequence length")] = 512,
+    ratio: Annotated[float | None, typer.Option(help=f"fraction of experts removed (default {d.RUN_RATIO})")] = None,
+    calib: Annotated[str, typer.Option(help="calibration mixture")] = d.CALIB_MIX,
+    samples: Annotated[int, typer.Option(help="calibration sequences")] = d.CALIB_SAMPLES,
+    seq_len: Annotated[int, typer.Option(help="calibration sequence length")] = d.CALIB_SEQ_LEN,
     types: Annotated[str | None, typer.Option(help="quantization types, comma-separated (default: the 11-type ladder)")] = None,
-    tokens: Annotated[int, typer.Option(help="scored tokens per held-out set")] = 4096,
-    humaneval_limit: Annotated[int, typer.Option(help="HumanEval problems per variant (0: none)")] = 164,
+    tokens: Annotated[int, typer.Option(help="scored tokens per held-out set")] = d.EVAL_TOKENS,
+    humaneval_limit: Annotated[int, typer.Option(help="HumanEval problems per variant (0: none)")] = d.HUMANEVAL_PROBLEMS,
     speed: Annotated[bool, typer.Option(help="measure prompt and generation speed")] = True,
-    executor: Annotated[Executor, typer.Option(help="local processes or an existing Ray cluster")] = Executor.local,
-    workers: Annotated[int, typer.Option(help="parallel per-variant jobs")] = 2,
-    memory_gb: Annotated[float | None, typer.Option(help="memory budget for parallel jobs (default: 80% of free)")] = None,
-    ray_address: Annotated[str, typer.Option(help="Ray cluster address")] = "auto",
+    executor: Annotated[Executor, typer.Option(help="local processes or an existing Ray cluster")] = Executor(d.EXECUTOR),
+    workers: Annotated[int, typer.Option(help="parallel per-variant jobs")] = d.WORKERS,
+    memory_gb: Annotated[float | None, typer.Option(help=f"memory budget for parallel jobs (default: {d.MEMORY_SHARE:.0%} of free)")] = None,
+    ray_address: Annotated[str, typer.Option(help="Ray cluster address")] = d.RAY_ADDRESS,
 ) -> None:
     """The release pipeline from flags (the same fields as a config file for ``reamkit run``)."""
     from .pipeline import validate
 
-    compress = {"methods": [m.strip() for m in methods.split(",") if m.strip()], "calib": calib,
-                "samples": samples, "seq_len": seq_len}
-    if experts is not None:
-        compress["experts"] = experts
-    if ratio is not None:
-        compress["ratio"] = ratio
-    data = {"model": model if model.startswith("hf:") else str(Path(model).resolve()), "compress": compress,
-            "quantize": {"types": [t for t in types.split(",") if t.strip()]} if types else {},
-            "evaluate": {"tokens": tokens, "humaneval_limit": humaneval_limit, "speed": speed},
-            "executor": {"kind": executor.value, "workers": workers, "memory_gb": memory_gb,
-                         "ray_address": ray_address}}
-    if name:
-        data["name"] = name
+    fields = {"name": name or None, "compress.methods": [m.strip() for m in methods.split(",") if m.strip()],
+              "compress.experts": experts, "compress.ratio": ratio, "compress.calib": calib,
+              "compress.samples": samples, "compress.seq_len": seq_len,
+              "quantize.types": [t for t in types.split(",") if t.strip()] if types else None,
+              "evaluate.tokens": tokens, "evaluate.humaneval_limit": humaneval_limit, "evaluate.speed": speed,
+              "executor.kind": executor.value, "executor.workers": workers, "executor.memory_gb": memory_gb,
+              "executor.ray_address": ray_address}
+    data: dict = {"model": model if model.startswith("hf:") else str(Path(model).resolve())}
+    for key, value in fields.items():         # a flag left out (None) takes the run configuration's default
+        if value is not None:
+            table, _, field = key.rpartition(".")
+            (data.setdefault(table, {}) if table else data)[field] = value
     cfg = validate(data, source="options")
     _run_and_summarize(cfg, output)
 
@@ -517,11 +520,11 @@ def status(run_dir: Annotated[Path, typer.Argument(help="run folder")]) -> None:
 @user_errors
 def speed(
     variants: Annotated[list[Path], typer.Argument(help="GGUF variants to benchmark")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="run folder (results in speed/)")] = Path("reamkit-eval"),
+    output: Annotated[Path, typer.Option("-o", "--output", help="run folder (results in speed/)")] = EVAL_DIR,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: the cores other processes leave free)")] = None,
-    prompt: Annotated[int, typer.Option(help="prompt tokens of the pp test")] = 512,
-    gen: Annotated[int, typer.Option(help="generated tokens of the tg test")] = 128,
-    repetitions: Annotated[int, typer.Option(help="runs of each test")] = 5,
+    prompt: Annotated[int, typer.Option(help="prompt tokens of the pp test")] = d.SPEED_PROMPT,
+    gen: Annotated[int, typer.Option(help="generated tokens of the tg test")] = d.SPEED_GEN,
+    repetitions: Annotated[int, typer.Option(help="runs of each test")] = d.SPEED_REPETITIONS,
 ) -> None:
     """Prompt and generation tokens/s (llama-bench), load time, peak memory and the share of the memory-bandwidth
     bound reached, per variant."""
@@ -577,10 +580,10 @@ def card(
 def fit(
     target: Annotated[str, typer.Argument(help="run folder, or a built-in model (Qwen3-Coder-Next-REAM)")],
     memory: Annotated[str, typer.Option(help="system RAM, e.g. 24GB (1e9 bytes) or 24GiB")],
-    context: Annotated[str, typer.Option(help="context tokens, e.g. 32k")] = "32k",
+    context: Annotated[str, typer.Option(help="context tokens, e.g. 32k")] = str(d.CONTEXT),
     gpu_memory: Annotated[str | None, typer.Option(help="GPU memory; routed experts that do not fit stay in RAM")] = None,
-    cache_type: Annotated[str, typer.Option(help="KV cache type (f16, q8_0, ...)")] = "f16",
-    parallel: Annotated[int, typer.Option(help="parallel slots (-np), each with its own recurrent state; as reamkit serve")] = 4,
+    cache_type: Annotated[str, typer.Option(help="KV cache type (f16, q8_0, ...)")] = d.CACHE_TYPE,
+    parallel: Annotated[int, typer.Option(help="parallel slots (-np), each with its own recurrent state; as reamkit serve")] = d.PARALLEL,
 ) -> None:
     """The best-fidelity variant whose weights + KV cache + state + overhead fit, with the arithmetic."""
     from .report import fit as run_fit

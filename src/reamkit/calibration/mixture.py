@@ -1,7 +1,7 @@
 """Calibration sets: a mixture spec resolved to sources, tokenised with the model's tokenizer, packed.
 
-A spec is ``name=weight,name=weight`` (weights are normalised), e.g. ``code=0.7,math=0.3`` -- the default, as
-used for Qwen3-Coder-Next-REAM. A name is one of:
+A spec is ``name=weight,name=weight`` (weights are normalised), e.g. ``code=0.7,math=0.3``
+(:data:`reamkit.defaults.CALIB_MIX`, as used for Qwen3-Coder-Next-REAM). A name is one of:
 
 * a built-in offline corpus, ``code`` (Python source) or ``math`` (worked solutions); only their calibration
   part is used -- evaluation reads the disjoint held-out part;
@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
+from ..defaults import CALIB_MIX
 from ..errors import ReamkitError
+from ..identity import file_hash
 from . import corpus
 
-DEFAULT_MIX = "code=0.7,math=0.3"
 TEXT_FIELDS = ("text", "content", "solution")
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".c", ".h", ".cc", ".cpp", ".hpp", ".js", ".ts", ".go", ".rs",
                  ".java", ".kt", ".swift", ".rb", ".php", ".sh", ".sql", ".tex", ".json", ".toml", ".yaml", ".yml"}
@@ -62,7 +63,7 @@ def parse_mix(spec: str) -> list[Source]:
             raise ReamkitError(f"calibration mix {spec!r}: weight of {name!r} must be positive")
         out.append(Source(name.strip(), weight))
     if not out:
-        raise ReamkitError("empty calibration mix; give e.g. code=0.7,math=0.3")
+        raise ReamkitError(f"empty calibration mix; give e.g. {CALIB_MIX}")
     total = sum(s.weight for s in out)
     return [Source(s.name, s.weight / total) for s in out]
 
@@ -179,7 +180,7 @@ def check_tokenizer(model_dir: Path) -> None:
                            fix="copy the tokenizer files of the original model into the folder")
 
 
-def build_calibration(tokenizer_dir: Path, spec: str = DEFAULT_MIX, *, samples: int, seq_len: int, seed: int = 0,
+def build_calibration(tokenizer_dir: Path, spec: str = CALIB_MIX, *, samples: int, seq_len: int, seed: int = 0,
                       cache_dir: Path | None = None) -> torch.Tensor:
     """Token ids [samples, seq_len] (int64) for the mixture, from the model's own tokenizer; cached."""
     from transformers import AutoTokenizer
@@ -192,7 +193,7 @@ def build_calibration(tokenizer_dir: Path, spec: str = DEFAULT_MIX, *, samples: 
     tok_file = Path(tokenizer_dir) / "tokenizer.json"
     key_blob = json.dumps({"spec": [(s.name, s.weight) for s in sources], "samples": samples, "seq_len": seq_len,
                            "seed": seed, "corpus": corpus.VERSION,
-                           "tokenizer": hashlib.sha256(tok_file.read_bytes()).hexdigest() if tok_file.is_file()
+                           "tokenizer": file_hash(tok_file) if tok_file.is_file()
                            else str(tokenizer_dir)}, sort_keys=True)
     key = hashlib.sha256(key_blob.encode()).hexdigest()[:16]
     cache = (cache_dir or _cache_dir()) / f"calib-{key}.pt"
@@ -228,7 +229,6 @@ def _row_counts(sources: list[Source], samples: int) -> list[int]:
 
 def _pack(tok, name: str, n_rows: int, seq_len: int, seed: int, eos: int) -> list[torch.Tensor]:
     buf: list[int] = []
-    rows: list[torch.Tensor] = []
     need = n_rows * seq_len
     for doc in documents(name, seed):
         buf.extend(tok(doc, add_special_tokens=False)["input_ids"])

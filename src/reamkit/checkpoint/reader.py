@@ -101,9 +101,6 @@ class Checkpoint:
         prefix = layer_prefix(index)
         return {n[len(prefix):]: self.tensors[n] for n in self.layer_names.get(index, [])}
 
-    def layer_nbytes(self, index: int) -> int:
-        return sum(t.nbytes for t in self.layer_infos(index).values())
-
     @property
     def total_nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())

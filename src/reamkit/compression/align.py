@@ -119,14 +119,6 @@ class ActivationFeatures:
         return activation_features(self.stats.activations([e], self.block))[0]
 
 
-def pca_features(feats: torch.Tensor, rank: int = 64, seed: int = 0) -> torch.Tensor:
-    """Project [N, D, F] rows onto the top ``rank`` principal directions of all N * D rows (centred), then
-    normalise each row again (the whole-layer form of :class:`PCAFeatures`)."""
-    n, d, _ = feats.shape
-    mean, basis, _ = _pca_basis(lambda sl: feats[sl], n, rank, seed)
-    return F.normalize((feats.double() - mean) @ basis, dim=-1).float()
-
-
 def activation_features(acts: torch.Tensor) -> torch.Tensor:
     """Sampled activations [N, S, D] -> each neuron's activation vector [N, D, S], L2-normalised."""
     return F.normalize(acts.float().transpose(1, 2), dim=-1)
@@ -147,14 +139,3 @@ def align_group(centroid: int, others: list[int], *feature_sets) -> list[list[in
         assert (rows == range(len(rows))).all()
         perms.append([int(c) for c in cols])
     return perms
-
-
-def align(centroid: int, other: int, *feature_sets) -> list[int]:
-    """:func:`align_group` for one pair."""
-    return align_group(centroid, [other], *feature_sets)[0]
-
-
-def cosine_distance(a: torch.Tensor) -> torch.Tensor:
-    """1 - cosine similarity between the rows of ``a`` [N, F] (float64)."""
-    u = F.normalize(a.double(), dim=-1)
-    return 1 - u @ u.T

@@ -20,7 +20,6 @@ class ActivationCache:
         self.budget = int(budget_bytes)
         self._mem: list[torch.Tensor | None] = []
         self._bytes = 0
-        self.spilled = 0
 
     def append(self, t: torch.Tensor) -> None:
         n = t.numel() * t.element_size()
@@ -31,7 +30,6 @@ class ActivationCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         save_file({"h": t.contiguous().cpu()}, str(self._path(len(self._mem))))
         self._mem.append(None)
-        self.spilled += 1
 
     def __len__(self) -> int:
         return len(self._mem)

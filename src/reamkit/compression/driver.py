@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import defaults
 from ..checkpoint.reader import layer_prefix
 from ..checkpoint.writer import CheckpointWriter
 from ..errors import ReamkitError, writing
@@ -31,7 +31,6 @@ from ..manifest import Manifest, existing_output_is_current, manifest_path_for, 
 from ..models import Model, open_model
 from .layerpass import DTYPES, _Pass
 from .methods import get_method, holdout_fraction, method_options
-SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 @dataclass
@@ -40,20 +39,20 @@ class CompressOptions:
     experts: int | None = None            # experts kept per layer
     ratio: float | None = None            # or: fraction of experts removed (0.25 -> 512 becomes 384)
     method_options: dict = field(default_factory=dict)
-    calib: str = "code=0.7,math=0.3"
-    samples: int = 128
-    seq_len: int = 512
-    batch_size: int = 8                   # sequences per calibration batch
-    seed: int = 0
-    device: str = "auto"                  # auto | cpu | cuda | cuda:N
-    compute_dtype: str = "float32"
+    calib: str = defaults.CALIB_MIX
+    samples: int = defaults.CALIB_SAMPLES
+    seq_len: int = defaults.CALIB_SEQ_LEN
+    batch_size: int = defaults.CALIB_BATCH_SIZE   # sequences per calibration batch
+    seed: int = defaults.CALIB_SEED
+    device: str = defaults.DEVICE         # auto | cpu | cuda | cuda:N
+    compute_dtype: str = defaults.COMPUTE_DTYPE
     output_dtype: str | None = None       # default: the checkpoint's own
     sequential: bool | None = None        # default: the method's own (REAM yes, pruning no)
     drop_mtp: bool = False                # remove the MTP block instead of compressing it
     observations: str | None = None       # plan from an earlier run's saved observations (see reuse.py)
-    memory_budget_gb: float = 4.0         # hidden states kept in RAM; beyond, spilled to disk
+    memory_budget_gb: float = defaults.MEMORY_BUDGET_GB   # hidden states kept in RAM; beyond, spilled to disk
     max_shard_gb: float = 2.0
-    activation_samples: int = 32768
+    activation_samples: int = defaults.ACTIVATION_SAMPLES
     output_layout: str = "per_expert"     # per_expert (what save_pretrained and the converters use) or fused
 
 

@@ -36,9 +36,9 @@ from safetensors.torch import load_file
 from ..checkpoint.writer import save_safetensors
 from ..fsutil import atomic_file
 from ..models.moe import MOE_NORM, MoEBlock, capture_moe_input, moe_tail, run_to_moe
-from ..runtime import LayerwiseModel
 from .cache import ActivationCache
 from .candidates import heldout_batches, heldout_rows
+from .layerwise import LayerwiseModel
 from .methods import MethodInput, holdout_fraction
 from .observe import ExpertStats, ObserveOptions, OutputStats
 from .plan import LayerPlan, apply_plan

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..defaults import ACTIVATION_SAMPLES
 from ..models.moe import MoEBlock
 
 STAT_KEYS = ("freq", "prob_mass", "reap_sum", "paper_sum", "ref_chunk_sum", "ean_sum", "gated_out_sum",
@@ -45,7 +46,7 @@ STAT_KEYS = ("freq", "prob_mass", "reap_sum", "paper_sum", "ref_chunk_sum", "ean
 
 @dataclass
 class ObserveOptions:
-    activation_samples: int = 32768       # positions of the MoE input kept per layer for alignment (0: none)
+    activation_samples: int = ACTIVATION_SAMPLES   # positions of the MoE input kept per layer for alignment (0: none)
     keep_logits: bool = True              # accumulate the router logits' Gram matrix (REAM, M-SMoE)
     block_bytes: int = 32 << 20           # memory for one block of hidden activations
     seed: int = 0
@@ -164,15 +165,6 @@ class ExpertStats:
             raise ValueError("the router logits were not observed (keep_logits=False)")
         norm = self.logit_gram.diagonal().clamp(min=0).sqrt()
         return self.logit_gram / torch.outer(norm, norm).clamp(min=1e-300)
-
-    def statistic_sizes(self) -> dict[str, int]:
-        """Bytes of every accumulated statistic (none depends on the number of calibration tokens)."""
-        tensors = {k: getattr(self, k) for k in STAT_KEYS}
-        if self.logit_gram is not None:
-            tensors["logit_gram"] = self.logit_gram
-        sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
-        sizes["x_samples"] = sum(v.numel() * v.element_size() for v in self.x_samples)
-        return sizes
 
     def sampled_inputs(self) -> torch.Tensor:
         """The MoE inputs at the sampled positions [S, H]."""

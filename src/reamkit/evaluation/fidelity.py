@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import defaults
 from ..errors import OutputExistsError, ReamkitError
 from ..fsutil import atomic_file, run_relative, write_json
 from ..identity import file_hash
@@ -28,17 +29,17 @@ from ..llamacpp.tools import run_tool
 from .cpuload import free_cores
 from .stats import kld_uncertainty, sig
 
-SETS = ("code", "math")
+SETS = defaults.EVAL_SETS         # the built-in held-out sets
 MIN_TOKENS = 100                  # llama-perplexity prints no KLD statistics below 100 scored tokens
 
 
 @dataclass
 class FidelityOptions:
     sets: tuple[str, ...] = SETS
-    tokens: int = 4096             # scored tokens per set
-    ctx: int = 512
+    tokens: int = defaults.EVAL_TOKENS     # scored tokens per set
+    ctx: int = defaults.EVAL_CTX
     text: Path | None = None       # a user's evaluation file instead of the built-in held-out sets
-    disk_budget_gb: float = 4.0    # reference logits on disk, all sets together
+    disk_budget_gb: float = defaults.DISK_BUDGET_GB    # reference logits on disk, all sets together
     threads: int | None = None
 
 

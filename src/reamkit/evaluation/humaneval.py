@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import defaults
 from ..errors import ReamkitError
 from ..fsutil import atomic_file, write_json
 from ..identity import file_hash
@@ -34,9 +35,9 @@ STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
 @dataclass
 class HumanEvalOptions:
     limit: int | None = None         # the first N problems (quick runs)
-    max_tokens: int = 512
-    workers: int = 2                 # sandboxed programs at once (keep <= cores)
-    timeout_s: float = 10.0          # wall clock per program
+    max_tokens: int = defaults.HUMANEVAL_MAX_TOKENS
+    workers: int = defaults.HUMANEVAL_WORKERS       # sandboxed programs at once (keep <= cores)
+    timeout_s: float = defaults.HUMANEVAL_TIMEOUT_S  # wall clock per program
     n_ctx: int = 2048
     threads: int | None = None       # llama.cpp threads (default: the cores other processes leave free)
 

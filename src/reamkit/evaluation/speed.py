@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import defaults
 from ..errors import ReamkitError
 from ..fsutil import run_relative, write_json
 from ..identity import file_hash
@@ -41,9 +42,9 @@ BANDWIDTH_REPEATS = 5              # best of
 
 @dataclass
 class SpeedOptions:
-    prompt: int = 512              # prompt tokens: llama-bench pp<N>
-    gen: int = 128                 # generated tokens: llama-bench tg<N>
-    repetitions: int = 5           # llama-bench -r, per batch (see .llamabench)
+    prompt: int = defaults.SPEED_PROMPT            # prompt tokens: llama-bench pp<N>
+    gen: int = defaults.SPEED_GEN                  # generated tokens: llama-bench tg<N>
+    repetitions: int = defaults.SPEED_REPETITIONS  # llama-bench -r, per batch (see .llamabench)
     threads: int | None = None     # default: the cores other processes leave free
     busy_retries: int = 1          # batches retried when other processes took the cores we need
     busy_wait_s: float = 10.0      # wait before a retry (times the retry number)

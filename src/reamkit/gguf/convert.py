@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ..defaults import FALLBACK_PRE, GGUF_DTYPE
 from ..errors import MachineError, ReamkitError, ToolchainError
 from ..fsutil import atomic_file, check_free_space, check_writable
 from ..identity import file_hash
@@ -35,7 +36,7 @@ GGUF_DTYPES = ("f32", "f16", "bf16")
 _ENTRY = Path(__file__).with_name("converter_entry.py")
 
 
-def convert_to_gguf(model: str | Path, out: Path, *, dtype: str = "f16", fallback_pre: str = "qwen2",
+def convert_to_gguf(model: str | Path, out: Path, *, dtype: str = GGUF_DTYPE, fallback_pre: str = FALLBACK_PRE,
                     on_line: Callable[[str], None] | None = None) -> tuple[Path, bool]:
     """Convert ``model`` (folder, or ``hf:org/name``) to ``out``. Returns ``(out, converted)``;
     ``converted`` is False when ``out`` already held this very conversion."""

@@ -2,22 +2,23 @@
 (``reamkit release MODEL ...``), validated in full before any work starts.
 
 Every table forbids unknown keys, and every error names the offending key as a dotted path
-(``compress.experts: ...``), so a typo is one clear line instead of a silently ignored setting.
+(``compress.experts: ...``), so a typo is one clear line instead of a silently ignored setting. Every key but
+``model`` has a default (from :mod:`reamkit.defaults`, as the stages' own commands):
 
     model = "path/to/model"            # a Hugging Face folder, or hf:org/name
     name = "my-model"                  # file-name stem of the outputs (default: the folder's name)
 
     [compress]                         # leave out, or methods = [], for no compression
-    methods = ["auto", "reap"]
-    ratio = 0.25                       # or: experts = 384
-    calib = "code=0.7,math=0.3"
+    methods = ["reap"]
+    experts = 384                      # or: ratio, the fraction of experts removed
+    calib = "code=1"
 
     [quantize]
     types = ["Q4_K_M", "Q8_0"]         # default: the 11-type ladder
 
     [evaluate]
-    tokens = 4096                      # scored tokens per held-out set
-    humaneval_limit = 164              # 0: no HumanEval
+    tokens = 2048                      # scored tokens per held-out set
+    humaneval_limit = 0                # 0: no HumanEval
 
     [executor]
     kind = "local"                     # or "ray"
@@ -31,6 +32,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .. import defaults
 from ..errors import ReamkitError
 
 
@@ -39,15 +41,15 @@ class _Strict(BaseModel):
 
 
 class CompressConfig(_Strict):
-    methods: list[str] = ["auto", "reap"]
+    methods: list[str] = list(defaults.RUN_METHODS)
     experts: int | None = None
-    ratio: float | None = 0.25
-    calib: str = "code=0.7,math=0.3"
-    samples: int = Field(128, ge=1)
-    seq_len: int = Field(512, ge=8)
-    batch_size: int = Field(8, ge=1)
-    seed: int = 0
-    device: str = "auto"
+    ratio: float | None = defaults.RUN_RATIO
+    calib: str = defaults.CALIB_MIX
+    samples: int = Field(defaults.CALIB_SAMPLES, ge=1)
+    seq_len: int = Field(defaults.CALIB_SEQ_LEN, ge=8)
+    batch_size: int = Field(defaults.CALIB_BATCH_SIZE, ge=1)
+    seed: int = defaults.CALIB_SEED
+    device: str = defaults.DEVICE
     drop_mtp: bool = False
 
     @model_validator(mode="before")
@@ -72,11 +74,11 @@ class CompressConfig(_Strict):
 
 class QuantizeConfig(_Strict):
     types: list[str] | None = None            # None: the 11-type ladder
-    ladder: Literal["static", "moe-aware"] = "static"
-    imatrix: Literal["auto", "none"] = "auto"
-    reference_dtype: Literal["auto", "f16", "bf16", "f32"] = "auto"
-    imatrix_chunks: int = Field(64, ge=1)
-    imatrix_ctx: int = Field(512, ge=32)
+    ladder: Literal["static", "moe-aware"] = defaults.LADDER_KIND
+    imatrix: Literal["auto", "none"] = defaults.IMATRIX
+    reference_dtype: Literal["auto", "f16", "bf16", "f32"] = defaults.REFERENCE_DTYPE
+    imatrix_chunks: int = Field(defaults.IMATRIX_CHUNKS, ge=1)
+    imatrix_ctx: int = Field(defaults.IMATRIX_CTX, ge=32)
 
     @field_validator("types")
     @classmethod
@@ -92,23 +94,23 @@ class QuantizeConfig(_Strict):
 
 
 class EvaluateConfig(_Strict):
-    tokens: int = Field(4096, ge=100)
-    ctx: int = Field(512, ge=32)
-    sets: list[Literal["code", "math"]] = ["code", "math"]
-    humaneval_limit: int = Field(164, ge=0, le=164)
-    humaneval_max_tokens: int = Field(384, ge=1)
+    tokens: int = Field(defaults.EVAL_TOKENS, ge=100)
+    ctx: int = Field(defaults.EVAL_CTX, ge=32)
+    sets: list[Literal["code", "math"]] = list(defaults.EVAL_SETS)
+    humaneval_limit: int = Field(defaults.HUMANEVAL_PROBLEMS, ge=0, le=defaults.HUMANEVAL_PROBLEMS)
+    humaneval_max_tokens: int = Field(defaults.RUN_HUMANEVAL_MAX_TOKENS, ge=1)
     speed: bool = True
-    speed_prompt: int = Field(512, ge=1)
-    speed_gen: int = Field(128, ge=1)
-    speed_repetitions: int = Field(3, ge=1)
+    speed_prompt: int = Field(defaults.SPEED_PROMPT, ge=1)
+    speed_gen: int = Field(defaults.SPEED_GEN, ge=1)
+    speed_repetitions: int = Field(defaults.RUN_SPEED_REPETITIONS, ge=1)
     threads: int | None = Field(None, ge=1)
 
 
 class ExecutorConfig(_Strict):
-    kind: Literal["local", "ray"] = "local"
-    workers: int = Field(2, ge=1)              # parallel per-variant jobs (quantize, evaluate)
-    memory_gb: float | None = Field(None, gt=0)   # default: 80% of the available memory
-    ray_address: str = "auto"
+    kind: Literal["local", "ray"] = defaults.EXECUTOR
+    workers: int = Field(defaults.WORKERS, ge=1)   # parallel per-variant jobs (quantize, evaluate)
+    memory_gb: float | None = Field(None, gt=0)   # default: MEMORY_SHARE of the available memory
+    ray_address: str = defaults.RAY_ADDRESS
 
 
 class RunConfig(_Strict):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 
+from ..defaults import MEMORY_SHARE
 from ..errors import Interrupted, ReamkitError, Terminated
 from ..fsutil import atomic_file, clean_stale_temps, write_json
 from ..identity import changed_files
@@ -135,7 +136,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, paths: dict, view: Callable, exec
                 remove_output(run_dir / o)
     log(f"run: {len(plan.stages)} stages, {len(done)} already done; executor {cfg.executor.kind}")
     view("plan", None, {"plan": plan, "done": set(done)})
-    budget = int((cfg.executor.memory_gb or psutil.virtual_memory().available / 1e9 * 0.8) * 1e9)
+    budget = int((cfg.executor.memory_gb or psutil.virtual_memory().available / 1e9 * MEMORY_SHARE) * 1e9)
     pending = [s for s in plan.order() if s.id not in done]
     running: dict[object, Stage] = {}
     failed: list[tuple[str, str]] = []

@@ -6,8 +6,8 @@ of each input channel squared; ``n_mat`` is the expert count for stacked expert 
 The counts of the expert tensors say which experts saw data: that is the coverage we report, since llama.cpp
 quantizes an expert that saw nothing with uniform importance.
 
-Calibration text comes from the same mixture spec as compression (default ``code=0.7,math=0.3``, REAM's
-released mix); the built-in corpora contribute only their calibration part, never the held-out evaluation text.
+Calibration text comes from the same mixture spec as compression (default
+:data:`reamkit.defaults.CALIB_MIX`, REAM's released mix); the built-in corpora contribute only their calibration part, never the held-out evaluation text.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..defaults import CALIB_MIX
 from ..errors import ReamkitError
 from ..identity import file_hash
 from ..llamacpp.gguf_file import open_gguf
 from .inventory import Inventory
 
-OBSERVATION_KEYS = ("expert_in_sumsq", "expert_mid_sumsq", "expert_tokens")
 _EXPERT_INPUTS = {"ffn_gate_exps": "expert_in_sumsq", "ffn_up_exps": "expert_in_sumsq",
                   "ffn_down_exps": "expert_mid_sumsq"}
 
@@ -44,12 +44,12 @@ class ImatrixInfo:
 
 
 def calibration_text(n_bytes: int, spec: str | None = None, *, seed: int = 0) -> str:
-    """About ``n_bytes`` of calibration text from the mixture ``spec`` (as compression takes it, e.g.
-    ``code=0.7,math=0.3``), the sources interleaved in proportion so any prefix keeps the mix. Built-in corpora
+    """About ``n_bytes`` of calibration text from the mixture ``spec`` (as compression takes it; default
+    :data:`~reamkit.defaults.CALIB_MIX`), the sources interleaved in proportion so any prefix keeps the mix. Built-in corpora
     contribute their calibration part only."""
-    from ..calibration.mixture import DEFAULT_MIX, documents, parse_mix
+    from ..calibration.mixture import documents, parse_mix
 
-    sources = parse_mix(spec or DEFAULT_MIX)
+    sources = parse_mix(spec or CALIB_MIX)
     streams = [documents(s.name, seed) for s in sources]
     done = [0] * len(sources)
     live = set(range(len(sources)))
@@ -67,9 +67,9 @@ def calibration_text(n_bytes: int, spec: str | None = None, *, seed: int = 0) ->
 
 def check_calibration(spec: str | None) -> None:
     """Fail before any work on a mixture that cannot be read."""
-    from ..calibration.mixture import DEFAULT_MIX, check_source, parse_mix
+    from ..calibration.mixture import check_source, parse_mix
 
-    for s in parse_mix(spec or DEFAULT_MIX):
+    for s in parse_mix(spec or CALIB_MIX):
         check_source(s.name)
 
 
@@ -127,7 +127,7 @@ def describe(path: Path, inv: Inventory, source: str) -> ImatrixInfo:
                        chunks=chunks, coverage=expert_coverage(entries))
 
 
-def compute_imatrix(reference: Path, out: Path, *, spec: str | None = None, chunks: int = 64, ctx: int = 512,
+def compute_imatrix(reference: Path, out: Path, *, spec: str | None = None, chunks: int, ctx: int,
                     threads: int | None = None, seed: int = 0, on_line: Callable[[str], None] | None = None) -> None:
     """Run ``llama-imatrix`` on ``reference`` over ``chunks`` x ``ctx`` tokens of calibration text into ``out``
     (a path the caller makes atomic)."""
@@ -137,7 +137,7 @@ def compute_imatrix(reference: Path, out: Path, *, spec: str | None = None, chun
     from ..llamacpp.tools import run_tool
 
     with tempfile.TemporaryDirectory(prefix="reamkit-imatrix-") as tmp:
-        label = re.sub(r"[^A-Za-z0-9=.,_-]+", "_", spec or "code=0.7,math=0.3")
+        label = re.sub(r"[^A-Za-z0-9=.,_-]+", "_", spec or CALIB_MIX)
         text = Path(tmp) / f"reamkit-calibration-{label}-seed{seed}.txt"
         text.write_text(calibration_text(int(chunks * ctx * 5), spec, seed=seed))
         run_tool("llama-imatrix", ["-m", Path(reference).resolve(), "-f", text.name, "-o", Path(out).resolve(),

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import defaults
 from ..errors import ReamkitError, ToolchainError
 from ..fsutil import atomic_file, check_writable
 from ..identity import file_hash
@@ -42,15 +43,15 @@ _EXTRA_KV_BYTES = 512          # reamkit.* and quantize.imatrix.* key/values add
 @dataclass
 class QuantizeOptions:
     types: list[str] | str | None = None     # default: the 11-type ladder
-    ladder: str = "static"                   # "static" or "moe-aware"
-    imatrix: str = "auto"                    # "auto", "none", or an imatrix GGUF / observations safetensors
-    keep_type: str = "Q8_0"                  # MoE-aware ladder: type of the always-active tensors
+    ladder: str = defaults.LADDER_KIND       # "static" or "moe-aware"
+    imatrix: str = defaults.IMATRIX          # "auto", "none", or an imatrix GGUF / observations safetensors
+    keep_type: str = defaults.KEEP_TYPE      # MoE-aware ladder: type of the always-active tensors
     name: str | None = None                  # file name stem (default: the model's name)
-    reference_dtype: str = "auto"            # HF input: f16, bf16, f32, or auto (bf16 for bf16 checkpoints)
+    reference_dtype: str = defaults.REFERENCE_DTYPE   # HF input: f16, bf16, f32, or auto (bf16 for bf16 checkpoints)
     threads: int | None = None
-    calibration: str | None = None           # llama-imatrix text: mixture spec (default code=0.7,math=0.3)
-    imatrix_chunks: int = 64                 # llama-imatrix: chunks x ctx calibration tokens
-    imatrix_ctx: int = 512
+    calibration: str | None = None           # llama-imatrix text: mixture spec (default: defaults.CALIB_MIX)
+    imatrix_chunks: int = defaults.IMATRIX_CHUNKS   # llama-imatrix: chunks x ctx calibration tokens
+    imatrix_ctx: int = defaults.IMATRIX_CTX
     progress: bool = True
 
 

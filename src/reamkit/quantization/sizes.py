@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..defaults import KEEP_TYPE, LADDER_KIND
 from ..errors import ReamkitError
 from .inventory import Inventory, inventory_from_config, inventory_from_gguf
 from .ladders import LADDERS, ladder_overrides, parse_types
@@ -40,8 +41,8 @@ def data_bytes(inv: Inventory, types: dict[str, str]) -> int:
     return sum(pad(tensor_bytes(types[t.name], t.shape)) for t in inv.tensors)
 
 
-def predict(inv: Inventory, header_bytes: int, file_types: list[str], *, ladder: str = "static",
-            has_imatrix: bool = False, keep_type: str = "Q8_0") -> list[SizeRow]:
+def predict(inv: Inventory, header_bytes: int, file_types: list[str], *, ladder: str, has_imatrix: bool,
+            keep_type: str) -> list[SizeRow]:
     rows = []
     for ft in file_types:
         overrides = ladder_overrides(ladder, ft, keep_type, tensors=inv.tensors, facts=inv.facts,
@@ -54,7 +55,7 @@ def predict(inv: Inventory, header_bytes: int, file_types: list[str], *, ladder:
 
 
 def predict_sizes(model: str | Path, *, types: list[str] | None = None, experts: int | None = None,
-                  ladder: str = "static", has_imatrix: bool = False, keep_type: str = "Q8_0") -> list[SizeRow]:
+                  ladder: str = LADDER_KIND, has_imatrix: bool = False, keep_type: str = KEEP_TYPE) -> list[SizeRow]:
     """Sizes of each variant of ``model`` (a model folder, its ``config.json``, or a GGUF)."""
     file_types = parse_types(types)
     if ladder not in LADDERS:

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from ..defaults import CONTEXT, HOST, PORT
 from ..fsutil import atomic_file
 from ..evaluation.stats import Z
 from .compare import Comparison, compare, fmt, with_error
@@ -176,7 +177,7 @@ def card_markdown(comp: Comparison, *, model_name: str | None = None, repo: str 
     out += ["", "## How to run each file", ""]
     for r in rows:
         out += [f"**{r['type']}** (`{r['file']}`):", "", "```bash", f"reamkit serve {r['file']}",
-                f"llama-server -m {r['file']} --jinja --host 127.0.0.1 --port 8080 -c 32768", "```", ""]
+                f"llama-server -m {r['file']} --jinja --host {HOST} --port {PORT} -c {CONTEXT}", "```", ""]
     out += _layer_plan_lines(compression_facts(comp.run_dir))
     out += ["## How these were measured", "",
             "- KLD and same top-1 %: `reamkit evaluate` (llama-perplexity --kl-divergence against the unquantized "

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ReamkitError
 from ..fsutil import atomic_file, run_relative, write_json
 from ..evaluation.stats import Z, sig
 from .evidence import error_fields, private_fields, same_type_differences
@@ -248,10 +246,3 @@ def comparison_table(comp: Comparison):
     for r in comp.rows:
         t.add_row(*[text(k, r) for k, _ in cols])
     return t
-
-
-def load_comparison(run_dir: Path) -> dict:
-    path = Path(run_dir) / "report" / "compare.json"
-    if not path.is_file():
-        raise ReamkitError(f"no comparison in {run_dir}", fix=f"run reamkit compare {run_dir}")
-    return json.loads(path.read_text())

@@ -24,14 +24,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..defaults import CACHE_TYPE, CONTEXT, PARALLEL
 from ..errors import ReamkitError
 from ..quantization.rules import GGML_BLOCKS
 
 FIXED_OVERHEAD = 250_000_000
 UBATCH = 512
 ACTIVATION_FLOATS = 16
-DEFAULT_CONTEXT = 32768                # as reamkit serve
-DEFAULT_PARALLEL = 4                   # as reamkit serve: slots, each with its own recurrent state
 _UNITS = {"": 1e9, "g": 1e9, "gb": 1e9, "gib": 2**30, "m": 1e6, "mb": 1e6, "mib": 2**20, "t": 1e12, "tb": 1e12,
           "tib": 2**40}
 
@@ -154,7 +153,7 @@ class FitResult:
     gpu_memory: int | None
     context: int
     cache_type: str
-    parallel: int = DEFAULT_PARALLEL
+    parallel: int = PARALLEL
     needs: list[Need] = field(default_factory=list)       # best fidelity first
     choice: Need | None = None
 
@@ -181,8 +180,8 @@ def place(c: Candidate, kv: int, state: int, over: int, memory: int, gpu: int | 
     return False, "does not fit", None
 
 
-def fit(target: str | Path, memory: str | int, *, context: str | int = DEFAULT_CONTEXT,
-        gpu_memory: str | int | None = None, cache_type: str = "f16", parallel: int = DEFAULT_PARALLEL) -> FitResult:
+def fit(target: str | Path, memory: str | int, *, context: str | int = CONTEXT,
+        gpu_memory: str | int | None = None, cache_type: str = CACHE_TYPE, parallel: int = PARALLEL) -> FitResult:
     """Pick the best-fidelity variant of a run folder or built-in family that fits; refuses when none does."""
     mem = memory if isinstance(memory, int) else parse_memory(memory)
     gpu = None if gpu_memory is None else gpu_memory if isinstance(gpu_memory, int) else parse_memory(gpu_memory)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from .. import defaults
 from ..cache import cache_root
 from ..errors import ReamkitError
 from ..llamacpp import process
@@ -32,23 +33,23 @@ CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "
 
 @dataclass
 class ServeOptions:
-    host: str = "127.0.0.1"
-    port: int = 8080
+    host: str = defaults.HOST
+    port: int = defaults.PORT
     api_key: str | None = None
-    ctx: int = 32768
-    parallel: int = 4
+    ctx: int = defaults.CONTEXT
+    parallel: int = defaults.PARALLEL
     threads: int | None = None
-    cache_type: str = "f16"
+    cache_type: str = defaults.CACHE_TYPE
     alias: str | None = None
     chat_template_file: Path | None = None
-    max_body_mb: float = 8.0
+    max_body_mb: float = defaults.MAX_BODY_MB
     log_file: Path | None = None
     verbose: bool = False
     allow_unknown_fields: bool = False
     strict_fields: bool = False
-    cors_origins: str = "*"
+    cors_origins: str = defaults.CORS_ORIGINS
     startup_timeout: float = 600.0
-    layer_nice: int = 10
+    layer_nice: int = defaults.LAYER_NICE
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -57,7 +58,7 @@ def check_options(opts: ServeOptions) -> None:
     if not 0 <= opts.port <= 65535:
         raise ReamkitError(f"--port {opts.port} is not a TCP port (0-65535)")
     if opts.ctx < 256:
-        raise ReamkitError(f"--ctx {opts.ctx} is too small; agents need 32768 or more")
+        raise ReamkitError(f"--ctx {opts.ctx} is too small; agents need {defaults.CONTEXT} or more")
     if opts.parallel < 1:
         raise ReamkitError(f"--parallel {opts.parallel} must be at least 1")
     if opts.cache_type not in CACHE_TYPES:

@@ -2,9 +2,10 @@
 
 Only one decoder layer's weights are in memory at once: the embedding turns token ids into hidden
 states, then each layer is built by the family's adapter from its own tensors, applied to the whole
-batch, and dropped; finally the norm and the head give logits. Compression and evaluation use the same
-loop, observing or modifying each layer before moving on; a layer handed back with fewer experts (pruned
-or merged) is built at its own size.
+batch, and dropped; finally the norm and the head give logits. The layer pass of compression
+(:mod:`.layerpass`) drives these pieces itself, observing and modifying each layer before moving on; a layer
+handed back with fewer experts (pruned or merged) is built at its own size. :meth:`LayerwiseModel.forward` is
+the plain whole-model pass, used to check a compressed checkpoint against its original (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class LayerwiseModel:
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 on_layer: Callable[[int, nn.Module, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Logits for ``input_ids`` [B, T], loading one decoder layer at a time.
+        """Logits for ``input_ids`` [B, T], loading one decoder layer at a time (a reference pass: the layer
+        pass of compression runs the layers itself).
 
         ``on_layer(index, layer, hidden_in, hidden_out)`` is called after each layer (for observers).
         """
