@@ -26,11 +26,13 @@ out = Console()
 err = Console(stderr=True)
 
 
-class Family(str, Enum):
-    demo = "demo"
-    qwen3_next = "qwen3_next"
-    qwen3_moe = "qwen3_moe"
-    mixtral = "mixtral"
+def _zoo_families() -> type[Enum]:
+    from .zoo import FAMILIES
+
+    return Enum("Family", {name: name for name in ("demo", *FAMILIES)}, type=str)
+
+
+Family = _zoo_families()          # "demo" and every zoo family
 
 
 class Executor(str, Enum):
