@@ -62,10 +62,10 @@ def cache_bytes_per_element(cache_type: str) -> float:
 
 
 def arch_from_config(c: dict) -> Arch:
-    """The memory model of a config, as its family states it."""
-    from ..models import get_adapter
+    """The memory model of a config, as its family states it (another architecture: every layer attention)."""
+    from ..models import ADAPTERS, Adapter
 
-    return get_adapter(c).memory(c)
+    return ADAPTERS.get(str(c.get("model_type")), Adapter)().memory(c)
 
 
 def arch_from_gguf(reader) -> Arch:
