@@ -30,11 +30,13 @@ RUN_DIR = Path("reamkit-run")            # default run folder of ``run`` and ``r
 EVAL_DIR = Path("reamkit-eval")          # default run folder of ``evaluate``, ``humaneval`` and ``speed``
 
 
-class Family(str, Enum):
-    demo = "demo"
-    qwen3_next = "qwen3_next"
-    qwen3_moe = "qwen3_moe"
-    mixtral = "mixtral"
+def _zoo_families() -> type[Enum]:
+    from .zoo import FAMILIES
+
+    return Enum("Family", {name: name for name in ("demo", *FAMILIES)}, type=str)
+
+
+Family = _zoo_families()          # "demo" and every zoo family
 
 
 class Executor(str, Enum):

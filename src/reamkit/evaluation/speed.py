@@ -7,8 +7,9 @@ Decoding is memory-bound: each generated token reads every weight a token passes
 ``tok/s <= bandwidth / bytes read per token``. For a MoE that is the non-expert weights (attention, linear
 attention, shared expert, routers, norms, the output head), one row of the token embedding, and ``top_k /
 n_expert`` of each routed-expert tensor; the sizes come from the GGUF's own tensor table, top-k and the expert
-count from its metadata. KV-cache and recurrent-state reads are left out (llama-bench's ``tg`` starts at depth
-0, where they are a small part). The bandwidth is measured once per run folder and thread count with a large
+count from its metadata, and which tensors are routed or shared experts from the family its architecture names.
+KV-cache and recurrent-state reads are left out (llama-bench's ``tg`` starts at depth 0, where they are a small
+part). The bandwidth is measured once per run folder and thread count with a large
 multi-threaded numpy copy (STREAM convention: read + write bytes), and cached in ``speed/bandwidth.json``.
 Where a token's bytes fit in the last-level cache the weights need not come from memory at all, and the share
 is "n/a" (``None``).
@@ -92,8 +93,12 @@ class SpeedResult:
 
 def active_bytes_per_token(path: Path) -> dict:
     """Bytes of weights one generated token reads, from the GGUF's tensor table (see the module docstring)."""
+    from ..models import gguf_family
+    from ..llamacpp.gguf_file import open_gguf, read_field
+
     reader = open_gguf(path)
     arch = read_field(reader, "general.architecture")
+    family = gguf_family(arch)
     n_expert = int(read_field(reader, f"{arch}.expert_count", 0))
     top_k = int(read_field(reader, f"{arch}.expert_used_count", 0)) if n_expert else 0
     experts = shared = embd = other = 0
@@ -103,9 +108,9 @@ def active_bytes_per_token(path: Path) -> dict:
         n_params += int(t.n_elements)
         if name == "token_embd.weight":
             embd += nb // max(1, int(t.shape[-1]))            # one row of [n_embd, n_vocab]
-        elif "_exps" in name and n_expert:
+        elif family.gguf_routed(name) and n_expert:
             experts += nb * top_k // n_expert
-        elif "_shexp" in name:
+        elif family.gguf_shared(name):
             shared += nb
         else:
             other += nb

@@ -1,15 +1,35 @@
-"""Architecture adapters, one small file per model family."""
+"""Architecture adapters, one small file per model family.
+
+Every module of this package is imported once, and each :class:`Adapter` subclass with a ``model_type`` it
+defines is a supported family: adding a family is adding its file (and a zoo entry to test it), nothing here.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from ..errors import UnsupportedArchitectureError
 from .base import Adapter, Experts, Routing
-from .mixtral import MixtralAdapter
 from .model import Model, open_model
-from .qwen3_moe import Qwen3MoeAdapter
-from .qwen3_next import Qwen3NextAdapter
 
-ADAPTERS: dict[str, type[Adapter]] = {a.model_type: a for a in (Qwen3NextAdapter, Qwen3MoeAdapter, MixtralAdapter)}
+
+def _discover() -> dict[str, type[Adapter]]:
+    found: dict[str, type[Adapter]] = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for obj in vars(module).values():
+            if (isinstance(obj, type) and issubclass(obj, Adapter) and obj.__module__ == module.__name__
+                    and "model_type" in vars(obj)):
+                if obj.model_type in found:
+                    raise RuntimeError(f"two adapters claim model_type {obj.model_type!r}: "
+                                       f"{found[obj.model_type].__name__} and {obj.__name__}")
+                found[obj.model_type] = obj
+    return dict(sorted(found.items()))
+
+
+ADAPTERS: dict[str, type[Adapter]] = _discover()
+GGUF_FAMILIES: dict[str, type[Adapter]] = {a.gguf_arch: a for a in ADAPTERS.values() if a.gguf_arch}
 
 
 def get_adapter(config_or_type: dict | str) -> Adapter:
@@ -22,4 +42,11 @@ def get_adapter(config_or_type: dict | str) -> Adapter:
     return cls()
 
 
-__all__ = ["ADAPTERS", "Adapter", "Experts", "Model", "Routing", "get_adapter", "open_model"]
+def gguf_family(arch: str) -> Adapter:
+    """The adapter of the family a GGUF's ``general.architecture`` names; for another architecture the base
+    adapter, whose GGUF and memory facts describe a plain transformer (every layer full attention)."""
+    return GGUF_FAMILIES.get(arch, Adapter)()
+
+
+__all__ = ["ADAPTERS", "Adapter", "Experts", "GGUF_FAMILIES", "Model", "Routing", "get_adapter", "gguf_family",
+           "open_model"]

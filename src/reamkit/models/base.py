@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from .facts import FamilyFacts
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
@@ -68,8 +69,9 @@ def _experts_implementation() -> str:
     return "grouped_mm" if "grouped_mm" in ALL_EXPERTS_FUNCTIONS else "eager"
 
 
-class Adapter:
-    """Base adapter; subclasses fill in the class attributes (one small file per family)."""
+class Adapter(FamilyFacts):
+    """Base adapter; subclasses fill in the class attributes (one small file per family). Its GGUF and memory
+    facts (:class:`.facts.FamilyFacts`) default to a plain transformer MoE."""
 
     model_type: ClassVar[str]
     architecture: ClassVar[str]               # transformers class name in config["architectures"]
@@ -332,7 +334,8 @@ class Adapter:
         """Attention masks keyed by layer type, exactly as the family's model forward builds them."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-        fn = create_causal_mask if getattr(hf_config, "sliding_window", None) is None else create_sliding_window_causal_mask
+        window = getattr(hf_config, "sliding_window", None)      # None or 0: no window
+        fn = create_sliding_window_causal_mask if window else create_causal_mask
         mask = fn(config=hf_config, inputs_embeds=embeds, attention_mask=attention_mask,
                   past_key_values=None, position_ids=position_ids)
         return {"full_attention": mask}

@@ -20,4 +20,5 @@ class MixtralAdapter(Adapter):
     norm_topk_key = None
     per_expert_moe = "block_sparse_moe"
     proj = ("w1", "w3", "w2")
+    gguf_arch = "llama"          # the converter writes Mixtral as llama with experts
     gguf_reads_fused = False     # the pinned converter maps only block_sparse_moe.experts.N.w1/w2/w3

@@ -2,7 +2,7 @@
 
 Full attention in every layer; sparse MoE MLP ``mlp`` (router ``mlp.gate``: softmax -> top-k ->
 renormalise when ``norm_topk_prob``) in the layers selected by ``decoder_sparse_step`` and
-``mlp_only_layers``. No shared expert.
+``mlp_only_layers``. No shared expert. GGUF: ``qwen3moe``, with per-head q/k norms.
 """
 
 from __future__ import annotations
@@ -17,3 +17,5 @@ class Qwen3MoeAdapter(Adapter):
     hf_prefix = "Qwen3Moe"
     # Hub configs say num_experts; transformers 5 saves num_local_experts (an alias of it).
     num_experts_keys = ("num_experts", "num_local_experts")
+    gguf_arch = "qwen3moe"
+    gguf_qk_norm = True

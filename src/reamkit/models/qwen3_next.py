@@ -6,6 +6,12 @@ router ``mlp.gate`` (softmax -> top-k -> renormalise, ``norm_topk_prob``), route
 one shared expert ``mlp.shared_expert`` scaled by ``sigmoid(mlp.shared_expert_gate(x))``.
 Hub checkpoints also carry a multi-token-prediction block under ``mtp.*`` with its own MoE, which
 transformers does not load; reamkit carries it through as a non-layer tensor group.
+
+GGUF (``qwen3next``, the pinned converter's modern layout): full-attention layers hold a gated query
+(``attn_q`` twice as wide) and q/k norms; linear-attention layers ``attn_qkv`` + ``attn_gate`` and the
+``ssm_*`` tensors; no MTP block. Memory: only the full-attention layers hold a KV cache; each linear-attention
+layer keeps a fixed recurrent state per sequence: a conv state of ``(conv_kernel - 1) x (2 x n_k_heads x k_dim
++ n_v_heads x v_dim)`` and an SSM state of ``n_v_heads x k_dim x v_dim`` elements.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import re
 
 from ..errors import CheckpointError
 from .base import Adapter
+from .facts import ATTENTION, DENSE_FFN, OUTPUT, SHARED_EXPERT, Memory, Shape, heads
 
 _MTP_LAYER = re.compile(r"^mtp\.layers\.\d+\.")
 
@@ -25,6 +32,11 @@ class Qwen3NextAdapter(Adapter):
     hf_prefix = "Qwen3Next"
     shared_expert = "shared_expert"
     shared_expert_gate = "shared_expert_gate"
+    gguf_arch = "qwen3next"
+    gguf_f32 = ("ssm_conv1d.weight",)
+    always_active = (ATTENTION, r"\.attn_(qkv|gate)\.weight$",     # linear attention's qkv and z gate
+                     r"\.ssm_[a-z0-9_]+\.weight$",                 # its other projections (ssm_ba, ssm_out)
+                     SHARED_EXPERT, DENSE_FFN, OUTPUT)
 
     def layer_type(self, config: dict, index: int) -> str:
         types = config.get("layer_types")
@@ -65,3 +77,43 @@ class Qwen3NextAdapter(Adapter):
         # checkpoints written by transformers (and compressed ones made from them) have none.
         has_mtp = any(n.startswith("mtp.") for n in ckpt.other_names)
         return super().gguf_converter_args(ckpt) + ([] if has_mtp else ["--no-mtp"])
+
+    # ------------------------------------------------------------------ GGUF and memory
+    def _is_full(self, c: dict, i: int) -> bool:
+        return self.layer_type(c, i) == "full_attention"
+
+    def gguf_layer(self, c: dict, i: int, experts: int) -> list[tuple[str, Shape]]:
+        h, n_head, n_kv, hd = heads(c)
+        out: list[tuple[str, Shape]] = [("attn_norm.weight", (h,)), ("post_attention_norm.weight", (h,))]
+        if self._is_full(c, i):
+            out += [("attn_q.weight", (h, 2 * n_head * hd)), ("attn_k.weight", (h, n_kv * hd)),
+                    ("attn_v.weight", (h, n_kv * hd)), ("attn_output.weight", (n_head * hd, h)),
+                    ("attn_q_norm.weight", (hd,)), ("attn_k_norm.weight", (hd,))]
+        else:
+            nk, dk = int(c["linear_num_key_heads"]), int(c["linear_key_head_dim"])
+            nv, dv = int(c["linear_num_value_heads"]), int(c["linear_value_head_dim"])
+            conv = 2 * nk * dk + nv * dv
+            kernel = int(c["linear_conv_kernel_dim"])
+            out += [("ssm_a", (nv,)), ("ssm_dt.bias", (nv,)), ("ssm_conv1d.weight", (kernel, conv)),
+                    ("ssm_ba.weight", (h, 2 * nv)), ("attn_qkv.weight", (h, conv)), ("attn_gate.weight", (h, nv * dv)),
+                    ("ssm_norm.weight", (dv,)), ("ssm_out.weight", (nv * dv, h))]
+        return out + (self.gguf_moe(c, experts) if experts else self.gguf_dense_ffn(c))
+
+    def memory(self, c: dict) -> Memory:
+        h, _n_head, n_kv, hd = heads(c)
+        n = int(c["num_hidden_layers"])
+        full = sum(1 for i in range(n) if self._is_full(c, i))
+        nk, dk = int(c["linear_num_key_heads"]), int(c["linear_key_head_dim"])
+        nv, dv = int(c["linear_num_value_heads"]), int(c["linear_value_head_dim"])
+        return Memory(n, full, n_kv, hd, hd, n_linear=n - full, conv_kernel=int(c["linear_conv_kernel_dim"]),
+                      conv_dim=2 * nk * dk + nv * dv, ssm_state=nv * dk * dv, n_vocab=int(c["vocab_size"]), n_embd=h)
+
+    def memory_from_gguf(self, meta, n_vocab: int) -> Memory:
+        base = super().memory_from_gguf(meta, n_vocab)
+        n, interval = base.n_layers, int(meta("full_attention_interval", 4))
+        full = sum(1 for i in range(n) if (i + 1) % interval == 0)
+        dk, nk = int(meta("ssm.state_size")), int(meta("ssm.group_count"))
+        inner = int(meta("ssm.inner_size"))
+        return Memory(n, full, base.n_kv_heads, base.k_dim, base.v_dim, n_linear=n - full,
+                      conv_kernel=int(meta("ssm.conv_kernel")), conv_dim=2 * nk * dk + inner, ssm_state=inner * dk,
+                      n_vocab=n_vocab, n_embd=base.n_embd)

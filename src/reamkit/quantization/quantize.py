@@ -198,7 +198,7 @@ def _check_disk_space(src: _Source, out_dir: Path, file_types: list[str], opts: 
         target = out_dir / f"{src.name}.{ft}{LADDERS[opts.ladder]}.gguf"
         if not target.exists():
             types = choose_types(inv.tensors, ft, inv.facts, overrides=ladder_overrides(
-                opts.ladder, ft, opts.keep_type, tensors=inv.tensors, facts=inv.facts))
+                opts.ladder, ft, opts.keep_type, tensors=inv.tensors, facts=inv.facts, arch=inv.arch))
             need += header + data_bytes(inv, types)
     probe = out_dir
     while not probe.exists():
@@ -249,7 +249,7 @@ def _run_ladder(reference: Path, ref_key: str, inv: Inventory, header: int, name
         for ft in file_types:
             target = out_dir / f"{name}.{ft}{LADDERS[opts.ladder]}.gguf"
             overrides = ladder_overrides(opts.ladder, ft, opts.keep_type, tensors=inv.tensors, facts=inv.facts,
-                                         has_imatrix=info is not None)
+                                         arch=inv.arch, has_imatrix=info is not None)
             expected = choose_types(inv.tensors, ft, inv.facts, overrides=overrides, has_imatrix=info is not None)
             predicted = pad(header) + data_bytes(inv, expected)
             params = {"type": ft, "ladder": opts.ladder, "overrides": overrides, "llama_cpp_commit": commit}

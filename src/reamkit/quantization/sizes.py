@@ -45,7 +45,7 @@ def predict(inv: Inventory, header_bytes: int, file_types: list[str], *, ladder:
             keep_type: str) -> list[SizeRow]:
     rows = []
     for ft in file_types:
-        overrides = ladder_overrides(ladder, ft, keep_type, tensors=inv.tensors, facts=inv.facts,
+        overrides = ladder_overrides(ladder, ft, keep_type, tensors=inv.tensors, facts=inv.facts, arch=inv.arch,
                                      has_imatrix=has_imatrix)
         types = choose_types(inv.tensors, ft, inv.facts, overrides=overrides, has_imatrix=has_imatrix)
         size = pad(header_bytes) + data_bytes(inv, types)

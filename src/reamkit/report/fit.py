@@ -1,13 +1,15 @@
 """``reamkit fit``: the best-fidelity variant whose weights + KV cache + recurrent state + runtime overhead fit
 in a machine's memory, with the arithmetic printed.
 
-* **KV cache**: only attention layers hold one. For ``qwen3_next`` those are the full-attention layers (every
-  ``full_attention_interval``-th, i.e. 12 of 48): ``KV = n_full_layers x n_kv_heads x (k_dim + v_dim) x context
-  x bytes per element`` (``2 x n_full x n_kv x head_dim x context x bytes`` when k_dim = v_dim).
+The family's adapter states which layers hold what (:mod:`reamkit.models.facts`), from a config or a GGUF's
+metadata:
+
+* **KV cache**: only attention layers hold one (for ``qwen3_next`` the full-attention layers, 12 of 48):
+  ``KV = n_full_layers x n_kv_heads x (k_dim + v_dim) x context x bytes per element``.
 * **Recurrent state** (linear-attention layers, fixed size, F32 as llama.cpp keeps it): per layer a conv state
-  of ``(conv_kernel - 1) x (2 x n_k_heads x k_dim + n_v_heads x v_dim)`` and an SSM state of
-  ``n_v_heads x k_dim x v_dim`` elements, per sequence: one per parallel slot (``-np``, 4 by default as
-  ``reamkit serve``), while the KV cache of the whole context is shared by the slots (``--kv-unified``).
+  of ``(conv_kernel - 1) x conv_dim`` and an SSM state of ``ssm_state`` elements, per sequence: one per parallel
+  slot (``-np``, 4 by default as ``reamkit serve``), while the KV cache of the whole context is shared by the
+  slots (``--kv-unified``).
 * **Overhead**: :data:`FIXED_OVERHEAD` (process, context, graph) + the compute buffer of one 512-token
   micro-batch (logits ``512 x n_vocab`` F32 + activations ``512 x n_embd x`` :data:`ACTIVATION_FLOATS` F32).
 
@@ -26,6 +28,7 @@ from pathlib import Path
 
 from ..defaults import CACHE_TYPE, CONTEXT, PARALLEL
 from ..errors import ReamkitError
+from ..models.facts import Memory as Arch
 from ..quantization.rules import GGML_BLOCKS
 
 FIXED_OVERHEAD = 250_000_000
@@ -57,57 +60,21 @@ def cache_bytes_per_element(cache_type: str) -> float:
     return b / n
 
 
-@dataclass(frozen=True)
-class Arch:
-    """What memory beyond the weights depends on."""
-
-    n_layers: int
-    n_full_attn: int                  # layers with a KV cache
-    n_kv_heads: int
-    k_dim: int
-    v_dim: int
-    n_linear: int = 0                 # linear-attention (recurrent) layers
-    conv_kernel: int = 0
-    conv_dim: int = 0
-    ssm_state: int = 0                # elements per linear layer
-    n_vocab: int = 0
-    n_embd: int = 0
-
-
 def arch_from_config(c: dict) -> Arch:
-    n, h = int(c["num_hidden_layers"]), int(c["hidden_size"])
-    n_head = int(c["num_attention_heads"])
-    hd = int(c.get("head_dim") or h // n_head)
-    n_kv = int(c.get("num_key_value_heads") or n_head)
-    if c.get("model_type") != "qwen3_next":
-        return Arch(n, n, n_kv, hd, hd, n_vocab=int(c["vocab_size"]), n_embd=h)
-    types = c.get("layer_types")
-    interval = int(c.get("full_attention_interval") or 4)
-    full = sum(1 for i in range(n) if (types[i] == "full_attention" if types else (i + 1) % interval == 0))
-    nk, dk = int(c["linear_num_key_heads"]), int(c["linear_key_head_dim"])
-    nv, dv = int(c["linear_num_value_heads"]), int(c["linear_value_head_dim"])
-    return Arch(n, full, n_kv, hd, hd, n_linear=n - full, conv_kernel=int(c["linear_conv_kernel_dim"]),
-                conv_dim=2 * nk * dk + nv * dv, ssm_state=nv * dk * dv, n_vocab=int(c["vocab_size"]), n_embd=h)
+    """The memory model of a config, as its family states it (another architecture: every layer attention)."""
+    from ..models import ADAPTERS, Adapter
+
+    return ADAPTERS.get(str(c.get("model_type")), Adapter)().memory(c)
 
 
 def arch_from_gguf(reader) -> Arch:
+    """The memory model of a GGUF, from its metadata, as the family its architecture names states it."""
+    from ..models import gguf_family
     from ..llamacpp.gguf_file import read_field
 
     a = read_field(reader, "general.architecture")
-    n, h = int(read_field(reader, f"{a}.block_count")), int(read_field(reader, f"{a}.embedding_length"))
-    n_head = int(read_field(reader, f"{a}.attention.head_count"))
-    n_kv = int(read_field(reader, f"{a}.attention.head_count_kv", n_head))
-    kd = int(read_field(reader, f"{a}.attention.key_length", h // n_head))
-    vd = int(read_field(reader, f"{a}.attention.value_length", kd))
     vocab = next((int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight"), 0)
-    if a != "qwen3next":
-        return Arch(n, n, n_kv, kd, vd, n_vocab=vocab, n_embd=h)
-    interval = int(read_field(reader, f"{a}.full_attention_interval", 4))
-    full = sum(1 for i in range(n) if (i + 1) % interval == 0)
-    dk, nk = int(read_field(reader, f"{a}.ssm.state_size")), int(read_field(reader, f"{a}.ssm.group_count"))
-    inner = int(read_field(reader, f"{a}.ssm.inner_size"))
-    return Arch(n, full, n_kv, kd, vd, n_linear=n - full, conv_kernel=int(read_field(reader, f"{a}.ssm.conv_kernel")),
-                conv_dim=2 * nk * dk + inner, ssm_state=inner * dk, n_vocab=vocab, n_embd=h)
+    return gguf_family(a).memory_from_gguf(lambda key, default=None: read_field(reader, f"{a}.{key}", default), vocab)
 
 
 def kv_cache_bytes(arch: Arch, context: int, bytes_per_element: float = 2.0) -> int:
@@ -224,20 +191,24 @@ def family_candidates(fam) -> list[Candidate]:
     from ..quantization.inventory import inventory_from_config
     from ..quantization.rules import choose_types, tensor_bytes
 
+    from ..models import get_adapter
+
     inv = inventory_from_config(fam.config)
     arch = arch_from_config(fam.config)
+    routed = get_adapter(fam.config).gguf_routed
     out = []
     for t, (gb, _source) in fam.sizes_gb.items():
         types = choose_types(inv.tensors, t, inv.facts)
         by = {x.name: tensor_bytes(types[x.name], x.shape) for x in inv.tensors}
-        share = sum(b for n, b in by.items() if "_exps" in n) / sum(by.values())
+        share = sum(b for n, b in by.items() if routed(n)) / sum(by.values())
         weights = int(gb * 1e9)
         out.append(Candidate(t, t, weights, int(weights * share), weights * 8 / inv.n_elements, None, arch))
     return out
 
 
 def run_candidates(run_dir: Path) -> list[Candidate]:
-    from ..llamacpp.gguf_file import open_gguf
+    from ..models import gguf_family
+    from ..llamacpp.gguf_file import open_gguf, read_field
     from .compare import comparison_rows
 
     out = []
@@ -246,7 +217,8 @@ def run_candidates(run_dir: Path) -> list[Candidate]:
         if p is None or not p.is_file():
             continue
         reader = open_gguf(p)
-        experts = sum(int(t.n_bytes) for t in reader.tensors if "_exps" in t.name)
+        routed = gguf_family(read_field(reader, "general.architecture")).gguf_routed
+        experts = sum(int(t.n_bytes) for t in reader.tensors if routed(t.name))
         out.append(Candidate(r["variant"], r["type"], p.stat().st_size, experts, r.get("bpw"), r.get("kld_mean"),
                              arch_from_gguf(reader), file=str(p)))
     if not out:

@@ -47,6 +47,12 @@ FAMILIES: dict[str, dict] = {
         **_COMMON, "model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
         "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 512,
     },
+    "qwen2_moe": {
+        **_COMMON, "model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"],
+        "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256,
+        "shared_expert_intermediate_size": 512, "intermediate_size": 512, "norm_topk_prob": False,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "qkv_bias": True, "use_sliding_window": False,
+    },
 }
 ROUTER_SCALE, HEAD_SCALE, PERTURB = 8.0, 4.0, 0.1
 
