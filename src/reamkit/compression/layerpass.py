@@ -96,7 +96,7 @@ class _Pass:
         lw, n_layers = self.lw, self.model.num_layers
         total = n_layers + len(self.mtp)
         if self.saved is not None:                      # planned from saved observations: no forward at all
-            return [self._timed(lambda i=i: self._layer(i, None, None, None), n + 1, total, 0)
+            return [self._timed((n + 1, total, 0), self._layer, i, None, None, None)
                     for n, i in enumerate([*range(n_layers), *self.mtp])]
         lw.embed_weight = lw.embed_weight.to(self.device)
         lw.rotary.to(self.device)
@@ -111,11 +111,11 @@ class _Pass:
             nxt = ActivationCache(self.work / f"h-{i:05d}", self.budget)
             done = self.work / f"layer-{i:05d}.safetensors"
             step = self._replayed if done.is_file() else self._layer     # resumed: replay the finished layer
-            reports.append(self._timed(lambda: step(i, hidden, nxt, ctx), i + 1, total, tokens))
+            reports.append(self._timed((i + 1, total, tokens), step, i, hidden, nxt, ctx))
             hidden.close()
             hidden = nxt
         for n, prefix in enumerate(self.mtp):
-            reports.append(self._timed(lambda: self._mtp(prefix, hidden, ctx), n_layers + n + 1, total, tokens))
+            reports.append(self._timed((n_layers + n + 1, total, tokens), self._mtp, prefix, hidden, ctx))
         hidden.close()
         return reports
 
@@ -132,15 +132,16 @@ class _Pass:
             nxt.append(self.lw.run_layer(layer, i, hidden[j], ctx(hidden[j])))
         return {**rep, "resumed": True}
 
-    def _timed(self, work, done: int, total: int, tokens: int) -> dict:
+    def _timed(self, progress: tuple[int, int, int], work, *args) -> dict:
+        """``work(*args)``, a layer's report, with its seconds; then the progress (layers done, total, tokens)."""
         # Unmap the shards between layers: memory-mapped pages a layer touched would otherwise stay resident,
         # and the process would grow to the checkpoint's size.
         self.model.checkpoint.close()
         release_memory()
         t_layer = time.time()
-        rep = work()
+        rep = work(*args)
         rep["seconds"] = round(time.time() - t_layer, 3)
-        self._progress(done, total, tokens)
+        self._progress(*progress)
         return rep
 
     def _progress(self, done: int, total: int, tokens: int) -> None:
