@@ -142,8 +142,8 @@ def compress(source: str | Path, out: Path, opts: CompressOptions, progress: Pro
         if missing:
             raise ReamkitError(f"the saved observations have none for the MTP block {missing[0]} (that run dropped "
                                "it)", fix="pass --drop-mtp, or drop --observations")
-    params = {**asdict(opts), "method_options": mopts.model_dump(), "experts": keep, "ratio": None, "sequential": sequential,
-              "device": None, "observations": None}
+    params = {**asdict(opts), "method_options": mopts.model_dump(), "experts": keep, "ratio": None,
+              "sequential": sequential, "device": None, "observations": None}
     params.pop("memory_budget_gb")
     manifest = Manifest.new("compress", inputs={"model_fingerprint": fingerprint}, params=params,
                             info={"source": str(model.path)})
