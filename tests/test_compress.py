@@ -4,7 +4,6 @@ that streaming gives the same result as the whole model in memory, resume, and b
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -127,7 +126,7 @@ def hf_in_memory_reference(src: Path, o: CompressOptions) -> dict[str, torch.Ten
     for i in range(m.num_layers):
         tensors = m.checkpoint.load_layer(i)
         block = MoEBlock.from_tensors(adapter, config, tensors)
-        needs = set(method.NEEDS)
+        needs = set(method.needs)
         st = ExpertStats(16, block.experts.gate.shape[2], block.experts.gate.shape[1], len(batches),
                          ObserveOptions(activation_samples=o.activation_samples if "activations" in needs else 0,
                                         keep_logits="logits" in needs, seed=o.seed + i))

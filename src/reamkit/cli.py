@@ -314,9 +314,9 @@ def compress(
     seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = d.CALIB_SEQ_LEN,
     batch_size: Annotated[int, typer.Option(help="sequences per calibration batch")] = d.CALIB_BATCH_SIZE,
     seed: Annotated[int, typer.Option(help="seed of the calibration sampling and the method")] = d.CALIB_SEED,
-    ream_variant: Annotated[str, typer.Option(help="REAM: paper, or reference (the released code's behaviour)")] = "paper",
-    group_size: Annotated[str, typer.Option(help="REAM: largest merge group (0: every expert joins its nearest centroid; auto: chosen per layer by measured error)")] = "16",
-    merging: Annotated[str, typer.Option(help="REAM: logits+weights, weights, logits, avg or none")] = "logits+weights",
+    ream_variant: Annotated[str | None, typer.Option(help="REAM: paper, or reference (the released code's behaviour)")] = None,
+    group_size: Annotated[str | None, typer.Option(help="REAM: largest merge group (0: every expert joins its nearest centroid; auto: chosen per layer by measured error)")] = None,
+    merging: Annotated[str | None, typer.Option(help="REAM: logits+weights, weights, logits, avg or none")] = None,
     sequential: Annotated[bool | None, typer.Option("--sequential/--no-sequential", help="next layer sees the compressed layer (default: REAM yes, pruning no)")] = None,
     drop_mtp: Annotated[bool, typer.Option("--drop-mtp", help="remove the multi-token-prediction block")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = d.DEVICE,
@@ -332,10 +332,11 @@ def compress(
     from .compression import CompressOptions
     from .compression import compress as run_compress
 
-    size = group_size if group_size == "auto" or not group_size.isdigit() else int(group_size)
-    mopts = ({"variant": ream_variant, "group_size": size, "merging": merging} if method == "ream" else
-             {"variant": ream_variant, "merging": merging} if method == "auto" else {})
-    opts = CompressOptions(method=method, experts=experts, ratio=ratio, method_options=mopts, calib=calib,
+    # the method options given, by their names in the method's Options model (which holds their defaults and
+    # refuses one the method does not take)
+    given = {k: v for k, v in (("variant", ream_variant), ("group_size", group_size), ("merging", merging))
+             if v is not None}
+    opts = CompressOptions(method=method, experts=experts, ratio=ratio, method_options=given, calib=calib,
                            samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, device=device,
                            compute_dtype=dtype, output_dtype=output_dtype, sequential=sequential, drop_mtp=drop_mtp,
                            memory_budget_gb=memory_budget, observations=observations)

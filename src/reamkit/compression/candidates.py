@@ -23,13 +23,14 @@ from ..models.base import Experts, Routing
 from ..models.moe import MoEBlock
 from .plan import LayerPlan, apply_plan
 
-REAM_KEYS = ("variant", "merging", "gated_sim", "gate_output", "saliency", "pca_dim", "seed", "align")
+def parse(spec: str, num_experts: int, keep: int, ream_options) -> list[tuple[str, str, object]]:
+    """``"reap,ream:2,ream:n/8"`` -> [(label, method, options)], infeasible and duplicate group sizes dropped.
+    ``ream_options`` (options or a dict) give the REAM candidates their options other than the group size."""
+    from .methods import get_method
+    from .methods.ream import MergeOptions
 
-
-def parse(spec: str, num_experts: int, keep: int, ream_options: dict) -> list[tuple[str, str, dict]]:
-    """``"reap,ream:2,ream:n/8"`` -> [(label, method, options)], infeasible and duplicate group sizes dropped."""
-    from .methods import get_method, method_options
-
+    given = ream_options.model_dump() if hasattr(ream_options, "model_dump") else dict(ream_options)
+    merge = {k: v for k, v in given.items() if k in MergeOptions.model_fields}
     out, sizes = [], set()
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         name, _, arg = item.partition(":")
@@ -39,15 +40,15 @@ def parse(spec: str, num_experts: int, keep: int, ream_options: dict) -> list[tu
         if name != "ream":
             if arg:
                 raise ReamkitError(f"candidate {item!r}: only ream takes a group size (ream:C)")
-            out.append((item, name, method_options(name, {})))
+            out.append((item, name, get_method(name).options()))
             continue
-        opts = method_options("ream", {k: v for k, v in ream_options.items() if k in REAM_KEYS})
-        size = group_size(arg, num_experts) if arg else int(opts["group_size"])
+        opts = get_method("ream").options(merge)
+        size = group_size(arg, num_experts) if arg else int(opts.group_size)
         effective = min(size, num_experts - keep + 1)         # larger groups than this take the same experts
         if keep * (size - 1) < num_experts - keep or effective in sizes:
             continue
         sizes.add(effective)
-        out.append((f"ream:{size}", "ream", {**opts, "group_size": size}))
+        out.append((f"ream:{size}", "ream", opts.model_copy(update={"group_size": size})))
     if not out:
         raise ReamkitError(f"no feasible candidate in {spec!r} for {num_experts} -> {keep} experts")
     return out

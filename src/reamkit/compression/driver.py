@@ -30,7 +30,7 @@ from ..fsutil import check_free_space, check_writable, write_json
 from ..manifest import Manifest, existing_output_is_current, manifest_path_for, write_manifest
 from ..models import Model, open_model
 from .layerpass import DTYPES, _Pass
-from .methods import get_method, holdout_fraction, method_options
+from .methods import MethodOptions, get_method
 
 
 @dataclass
@@ -38,7 +38,7 @@ class CompressOptions:
     method: str = "ream"
     experts: int | None = None            # experts kept per layer
     ratio: float | None = None            # or: fraction of experts removed (0.25 -> 512 becomes 384)
-    method_options: dict = field(default_factory=dict)
+    method_options: dict = field(default_factory=dict)   # as given; validated by the method's Options model
     calib: str = defaults.CALIB_MIX
     samples: int = defaults.CALIB_SAMPLES
     seq_len: int = defaults.CALIB_SEQ_LEN
@@ -95,20 +95,18 @@ def resolve_target(num_experts: int, top_k: int, experts: int | None, ratio: flo
     return experts
 
 
-def _check(model: Model, opts: CompressOptions) -> tuple[int, list[str], dict]:
+def _check(model: Model, opts: CompressOptions) -> tuple[int, list[str], MethodOptions]:
     """Every check that can fail before work starts. Returns (experts kept, MTP prefixes, method options)."""
     adapter, config = model.adapter, model.config
     if not adapter.moe_layers(config):
         raise ReamkitError(f"{model.path} has no MoE layers: nothing to compress")
-    mod = get_method(opts.method)
-    mopts = method_options(opts.method, opts.method_options)
-    if hasattr(mod, "check_options"):
-        mod.check_options(mopts)
+    method = get_method(opts.method)
+    mopts = method.options(opts.method_options)
     n = adapter.num_experts(config)
     keep = resolve_target(n, adapter.routing(config).top_k, opts.experts, opts.ratio)
     if opts.samples * opts.seq_len < 2 * opts.batch_size or opts.samples < 1:
         raise ReamkitError(f"calibration set of {opts.samples} x {opts.seq_len} tokens is too small")
-    if holdout_fraction(mod, mopts) and -(-opts.samples // opts.batch_size) < 2:
+    if method.holdout(mopts) and -(-opts.samples // opts.batch_size) < 2:
         raise ReamkitError(f"{opts.method} scores its plans on held-out calibration batches, but {opts.samples} "
                            f"sequences make one batch of {opts.batch_size}", fix="give more --samples or a smaller --batch-size")
     mtp = [p for p in adapter.moe_groups(model.checkpoint) if not p.startswith("model.layers.")]
@@ -132,19 +130,19 @@ def compress(source: str | Path, out: Path, opts: CompressOptions, progress: Pro
         check_source(s.name)
     device = resolve_device(opts.device)
     method = get_method(opts.method)
-    sequential = method.SEQUENTIAL if opts.sequential is None else opts.sequential
+    sequential = method.sequential if opts.sequential is None else opts.sequential
     fingerprint = model.checkpoint.fingerprint()
     ident = identity(fingerprint, opts, sequential)
     saved = None
     if opts.observations:
-        meta, tensors = load_observations(Path(opts.observations), opts.method, sequential, ident)
+        meta, tensors = load_observations(Path(opts.observations), method, sequential, ident)
         saved = {**meta, "tensors": tensors}
         missing = [p for p in ([] if opts.drop_mtp else mtp) if p not in meta.get("layers", {})]
         if missing:
             raise ReamkitError(f"the saved observations have none for the MTP block {missing[0]} (that run dropped "
                                "it)", fix="pass --drop-mtp, or drop --observations")
-    params = {**asdict(opts), "method_options": mopts, "experts": keep, "ratio": None, "sequential": sequential,
-              "device": None, "observations": None}
+    params = {**asdict(opts), "method_options": mopts.model_dump(), "experts": keep, "ratio": None,
+              "sequential": sequential, "device": None, "observations": None}
     params.pop("memory_budget_gb")
     manifest = Manifest.new("compress", inputs={"model_fingerprint": fingerprint}, params=params,
                             info={"source": str(model.path)})

@@ -27,7 +27,6 @@ from safetensors.torch import load_file
 from ..errors import ReamkitError
 from .observe import STAT_KEYS
 
-REUSABLE = ("reap", "frequency")
 _RENAMED = {"freq": "expert_tokens", "in_sumsq": "expert_in_sumsq", "mid_sumsq": "expert_mid_sumsq"}
 
 
@@ -53,9 +52,10 @@ class SavedStats:
         return ExpertStats.saliency(self, mode, sequences, chunk)      # type: ignore[arg-type]
 
 
-def load_observations(path: Path, method: str, sequential: bool, expected: dict) -> tuple[dict, dict]:
+def load_observations(path: Path, method, sequential: bool, expected: dict) -> tuple[dict, dict]:
     """(identity, tensors) of saved observations at ``path`` (a ``compression/`` folder, the model folder above
-    it, or the safetensors file), refused in one line if this run cannot use them."""
+    it, or the safetensors file), refused in one line if this run (``method``: a :class:`.methods.Method`) cannot
+    use them."""
     path = Path(path)
     folder = path.parent if path.suffix == ".safetensors" else path
     if (folder / "compression").is_dir():
@@ -64,8 +64,11 @@ def load_observations(path: Path, method: str, sequential: bool, expected: dict)
     if not meta.is_file() or not data.is_file():
         raise ReamkitError(f"{path} holds no saved observations (observations.json + observations.safetensors)",
                            fix="point --observations at the compression/ folder of an earlier reamkit compress output")
-    if method not in REUSABLE:
-        raise ReamkitError(f"method {method} cannot plan from saved observations (only {', '.join(REUSABLE)} can: "
+    if not method.plans_from_saved:
+        from .methods import METHODS
+
+        can = [m.name for m in METHODS.values() if m.plans_from_saved]
+        raise ReamkitError(f"method {method.name} cannot plan from saved observations (only {', '.join(can)} can: "
                            "see reamkit.compression.reuse)", fix="drop --observations to calibrate afresh")
     if sequential:
         raise ReamkitError("saved observations are per layer of the original model; a sequential pass needs "

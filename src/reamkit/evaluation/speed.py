@@ -94,7 +94,6 @@ class SpeedResult:
 def active_bytes_per_token(path: Path) -> dict:
     """Bytes of weights one generated token reads, from the GGUF's tensor table (see the module docstring)."""
     from ..models import gguf_family
-    from ..llamacpp.gguf_file import open_gguf, read_field
 
     reader = open_gguf(path)
     arch = read_field(reader, "general.architecture")

@@ -17,7 +17,6 @@ llama.cpp) into the reamkit cache.
 
 from __future__ import annotations
 
-import collections
 import functools
 import hashlib
 import os

@@ -15,29 +15,29 @@ is planned (REAM's alignments are shared between group sizes) and its layer run 
 
 from __future__ import annotations
 
-from ...errors import ReamkitError
+from pydantic import Field
+
 from ..candidates import choose
 from ..plan import LayerPlan
-from . import ream
+from .base import Method
+from .ream import MergeOptions
 
-NAME = "auto"
-SEQUENTIAL = True
-NEEDS = ("logits", "activations")
 CANDIDATES = "reap,ream:2,ream:4,ream:8,ream:n/8,ream:16"
-HOLDOUT = 0.25
-DEFAULTS = {"candidates": CANDIDATES, "holdout": HOLDOUT,
-            **{k: v for k, v in ream.DEFAULTS.items() if k != "group_size"}}
 
 
-def check_options(opts: dict) -> None:
-    ream.check_options({**ream.DEFAULTS, **{k: v for k, v in opts.items() if k in ream.DEFAULTS}})
-    if not 0 < float(opts["holdout"]) < 1:
-        raise ReamkitError(f"auto: holdout {opts['holdout']} must be a fraction of the calibration batches in (0, 1)")
+class AutoOptions(MergeOptions):
+    candidates: str = CANDIDATES
+    holdout: float = Field(0.25, gt=0, lt=1)     # a fraction of the calibration batches
 
 
-def holdout(opts: dict) -> float:
-    return float(opts["holdout"])
+class Auto(Method):
+    name = "auto"
+    sequential = True
+    needs = ("logits", "activations")
+    Options = AutoOptions
 
+    def holdout(self, options) -> float:
+        return float(options.holdout)
 
-def plan_layer(inp) -> LayerPlan:
-    return choose(inp, str(inp.options["candidates"]))
+    def plan_layer(self, inp) -> LayerPlan:
+        return choose(inp, str(inp.options.candidates))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from ..plan import LayerPlan, prune_plan, top_k_indices
-
-NAME = "frequency"
-SEQUENTIAL = False
-NEEDS: tuple[str, ...] = ()
-DEFAULTS: dict = {}
+from .base import Method
 
 
-def plan_layer(inp) -> LayerPlan:
-    s = inp.stats.saliency("frequency")
-    return prune_plan(inp.stats.num_experts, top_k_indices(s, inp.keep), s)
+class Frequency(Method):
+    name = "frequency"
+    plans_from_saved = True          # routed counts: saved with every run's observations
+
+    def plan_layer(self, inp) -> LayerPlan:
+        s = inp.stats.saliency("frequency")
+        return prune_plan(inp.stats.num_experts, top_k_indices(s, inp.keep), s)

@@ -11,11 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..plan import Group, LayerPlan
-
-NAME = "hc-smoe"
-SEQUENTIAL = False
-NEEDS: tuple[str, ...] = ()
-DEFAULTS: dict = {}
+from .base import Method
 
 
 def clusters(features: torch.Tensor, k: int) -> list[list[int]]:
@@ -32,7 +28,14 @@ def clusters(features: torch.Tensor, k: int) -> list[list[int]]:
     return list(out.values())
 
 
-def plan_layer(inp) -> LayerPlan:
+class HCSMoE(Method):
+    name = "hc-smoe"
+
+    def plan_layer(self, inp) -> LayerPlan:
+        return plan(inp)
+
+
+def plan(inp) -> LayerPlan:
     st = inp.stats
     feats = st.out_sum / max(1, st.tokens)
     freq = st.freq

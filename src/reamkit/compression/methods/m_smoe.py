@@ -12,14 +12,18 @@ import torch
 
 from ..align import WeightFeatures, align_group
 from ..plan import Group, LayerPlan, top_k_indices
-
-NAME = "m-smoe"
-SEQUENTIAL = False
-NEEDS = ("logits",)
-DEFAULTS: dict = {}
+from .base import Method
 
 
-def plan_layer(inp) -> LayerPlan:
+class MSMoE(Method):
+    name = "m-smoe"
+    needs = ("logits",)
+
+    def plan_layer(self, inp) -> LayerPlan:
+        return plan(inp)
+
+
+def plan(inp) -> LayerPlan:
     st = inp.stats
     freq = st.freq
     centroids = top_k_indices(freq, inp.keep).tolist()

@@ -28,47 +28,67 @@ calibration batches (:mod:`..candidates`, as the ``auto`` method does with pruni
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field, field_validator
 
 from ...errors import ReamkitError
 from ..align import ActivationFeatures, PCAFeatures, align_group
 from ..align_reference import PerExpertActivationFeatures
 from ..observe import fill_zero_saliency
 from ..plan import Group, LayerPlan, top_k_indices
-
-NAME = "ream"
-SEQUENTIAL = True
-NEEDS = ("logits", "activations")
-DEFAULTS = {"variant": "paper", "group_size": 16, "merging": "logits+weights", "gated_sim": True,
-            "gate_output": True, "saliency": "reap", "pca_dim": 64, "seed": 0, "align": True}
-MERGING = ("logits+weights", "weights", "logits", "avg", "none")
-
+from .base import Method, MethodOptions
 
 AUTO_SIZES = "ream:2,ream:4,ream:8,ream:n/8,ream:16"
 HOLDOUT = 0.25
 
 
-def holdout(opts: dict) -> float:
-    return HOLDOUT if str(opts["group_size"]) == "auto" else 0.0
+class MergeOptions(MethodOptions):
+    """REAM's options but the group size (the ``auto`` method's merging candidates take them too)."""
+
+    variant: Literal["paper", "reference"] = "paper"
+    merging: Literal["logits+weights", "weights", "logits", "avg", "none"] = "logits+weights"
+    gated_sim: bool = True
+    gate_output: bool = True
+    saliency: Literal["reap", "freq"] = "reap"
+    pca_dim: int = Field(64, ge=1)
+    seed: int = 0
+    align: bool = True
 
 
-def check_options(opts: dict) -> None:
-    size = str(opts["group_size"])
-    if size != "auto" and not (size.isdigit()):
-        raise ReamkitError(f"REAM group size {size!r} must be a whole number (0: nearest centroid) or auto")
-    if opts["variant"] not in ("paper", "reference"):
-        raise ReamkitError(f"unknown REAM variant {opts['variant']!r}; choose paper or reference")
-    if opts["merging"] not in MERGING:
-        raise ReamkitError(f"unknown REAM merging {opts['merging']!r}; choose one of: {', '.join(MERGING)}")
-    if opts["saliency"] not in ("reap", "freq"):
-        raise ReamkitError(f"unknown REAM saliency {opts['saliency']!r}; choose reap or freq")
+class ReamOptions(MergeOptions):
+    group_size: int | Literal["auto"] = 16
+
+    @field_validator("group_size", mode="before")
+    @classmethod
+    def _whole_or_auto(cls, v):
+        s = str(v).strip()
+        if s == "auto":
+            return s
+        if isinstance(v, bool) or not s.isdigit():
+            raise ValueError(f"REAM group size {v!r} must be a whole number (0: nearest centroid) or auto")
+        return int(s)
+
+
+class Ream(Method):
+    name = "ream"
+    sequential = True
+    needs = ("logits", "activations")
+    Options = ReamOptions
+
+    def holdout(self, options) -> float:
+        return HOLDOUT if options.group_size == "auto" else 0.0
+
+    def plan_layer(self, inp) -> LayerPlan:
+        return plan(inp)
 
 
 def saliency(inp) -> torch.Tensor:
     opts = inp.options
-    if opts["saliency"] == "freq":
+    if opts.saliency == "freq":
         return inp.stats.saliency("frequency")
-    if opts["variant"] == "reference":
+    if opts.variant == "reference":
         return fill_zero_saliency(inp.stats.saliency("reference", sequences=inp.sequences))
     return inp.stats.saliency("paper")
 
@@ -76,10 +96,10 @@ def saliency(inp) -> torch.Tensor:
 def distance(inp) -> torch.Tensor:
     """Pairwise expert distance [N, N] (float64), 0 on the diagonal."""
     st, opts = inp.stats, inp.options
-    mean = (st.gated_out_sum if opts["gated_sim"] else st.out_sum) / max(1, st.tokens)
+    mean = (st.gated_out_sum if opts.gated_sim else st.out_sum) / max(1, st.tokens)
     u = torch.nn.functional.normalize(mean.double(), dim=-1)
     s = (1 + u @ u.T) / 2
-    if opts["gate_output"]:
+    if opts.gate_output:
         d = logit_profile_distance(st)
         s = (s + (1 - d / d.max().clamp(min=1e-12))) / 2
     dist = 1 - s
@@ -124,40 +144,39 @@ def pseudo_groups(sal: torch.Tensor, dist: torch.Tensor, keep: int, group_size: 
     return groups
 
 
-def plan_layer(inp) -> LayerPlan:
+def plan(inp) -> LayerPlan:
     opts = inp.options
-    check_options(opts)
-    if str(opts["group_size"]) == "auto":
+    if opts.group_size == "auto":
         from ..candidates import choose
 
         return choose(inp, AUTO_SIZES)
     cache = inp.cache if inp.cache is not None else {}     # shared by candidate plans of one layer (auto)
-    key = (opts["variant"], opts["saliency"], opts["gated_sim"], opts["gate_output"])
+    key = (opts.variant, opts.saliency, opts.gated_sim, opts.gate_output)
     if ("sal", key) not in cache:
         cache[("sal", key)], cache[("dist", key)] = saliency(inp), distance(inp)
     sal, dist = cache[("sal", key)], cache[("dist", key)]
-    groups = pseudo_groups(sal, dist, inp.keep, int(opts["group_size"]))
-    merging = opts["merging"]
+    groups = pseudo_groups(sal, dist, inp.keep, int(opts.group_size))
+    merging = opts.merging
     feats: list = []                          # alignment costs (per expert, computed on demand); none with
     merges = any(len(m) > 1 for m in groups.values()) and merging != "none"     # align=False (unaligned average)
-    reference = opts["variant"] == "reference"
-    if opts["align"] and merges and merging in ("logits+weights", "logits"):
+    reference = opts.variant == "reference"
+    if opts.align and merges and merging in ("logits+weights", "logits"):
         if reference and inp.moe_inputs is not None:
             merged = sorted(m for ms in groups.values() if len(ms) > 1 for m in ms)
             key = ("act-per-expert", tuple(merged))
             if key not in cache:
                 per = max(1, inp.stats.options.activation_samples // max(1, inp.stats.batches))
-                cache[key] = PerExpertActivationFeatures(inp.moe_inputs, inp.block, merged, per, int(opts["seed"]))
+                cache[key] = PerExpertActivationFeatures(inp.moe_inputs, inp.block, merged, per, int(opts.seed))
             feats.append(cache[key])
         else:
             feats.append(cache.setdefault(("act",), ActivationFeatures(inp.stats, inp.block)))
-    if opts["align"] and merges and merging in ("logits+weights", "weights"):
-        key = ("pca", reference, int(opts["pca_dim"]), int(opts["seed"]))
+    if opts.align and merges and merging in ("logits+weights", "weights"):
+        key = ("pca", reference, int(opts.pca_dim), int(opts.seed))
         if key not in cache:
-            cache[key] = PCAFeatures(inp.block.experts, int(opts["pca_dim"]), int(opts["seed"]),
+            cache[key] = PCAFeatures(inp.block.experts, int(opts.pca_dim), int(opts.seed),
                                      niter=2 if reference else 4, scaled=reference)
         feats.append(cache[key])
-    perm_cache = cache.setdefault(("perms", opts["variant"], merging, bool(opts["align"])), {})
+    perm_cache = cache.setdefault(("perms", opts.variant, merging, bool(opts.align)), {})
     out = []
     for c in sorted(groups):
         members = groups[c] if merging != "none" else [c]

@@ -9,13 +9,13 @@ Statistics come from the original model's activations (not sequential).
 from __future__ import annotations
 
 from ..plan import LayerPlan, prune_plan, top_k_indices
-
-NAME = "reap"
-SEQUENTIAL = False
-NEEDS: tuple[str, ...] = ()
-DEFAULTS: dict = {}
+from .base import Method
 
 
-def plan_layer(inp) -> LayerPlan:
-    s = inp.stats.saliency("reap")
-    return prune_plan(inp.stats.num_experts, top_k_indices(s, inp.keep), s)
+class Reap(Method):
+    name = "reap"
+    plans_from_saved = True          # saliency sums and routed counts: saved with every run's observations
+
+    def plan_layer(self, inp) -> LayerPlan:
+        s = inp.stats.saliency("reap")
+        return prune_plan(inp.stats.num_experts, top_k_indices(s, inp.keep), s)
