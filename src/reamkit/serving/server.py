@@ -25,6 +25,9 @@ from ..toolchain import find_toolchain, last_error_line, repack_env
 from .models import resolve_model
 
 log = logging.getLogger("reamkit.serve")
+# seconds answers in flight may take to finish on Ctrl-C / SIGTERM; then they are cut and llama-server stopped
+SHUTDOWN_GRACE = 0.5
+SECOND_SIGTERM_AFTER = 1.0     # seconds llama-server has to exit on SIGTERM before it gets a second one
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
 
@@ -171,7 +174,13 @@ class LlamaServer:
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(grace)
+                try:
+                    self.proc.wait(SECOND_SIGTERM_AFTER)
+                except subprocess.TimeoutExpired:
+                    # llama-server's SIGTERM handler takes its task queue's lock, and waits for good when the
+                    # signal lands while its own generating loop holds it; a second SIGTERM ends it at once
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                    self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
@@ -211,6 +220,7 @@ def serve(model: str | Path, opts: ServeOptions, *, variant: str | None = None, 
     import uvicorn
 
     from .proxy import Settings, build_app
+    from .wire import CapitalisedHeaders
 
     check_options(opts)
     if not is_loopback(opts.host) and not opts.api_key:
@@ -249,7 +259,8 @@ def serve(model: str | Path, opts: ServeOptions, *, variant: str | None = None, 
                             "strict" if opts.strict_fields else "off" if opts.allow_unknown_fields else "typos",
                             opts.cors_origins)
         config = uvicorn.Config(build_app(settings, child.alive), host=opts.host, port=port, log_level="warning",
-                                access_log=False, timeout_keep_alive=30, lifespan="on")
+                                access_log=False, timeout_keep_alive=30, lifespan="on", http=CapitalisedHeaders,
+                                timeout_graceful_shutdown=SHUTDOWN_GRACE)
         server = uvicorn.Server(config)
 
         async def watch():
