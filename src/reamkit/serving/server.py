@@ -177,8 +177,8 @@ class LlamaServer:
                 try:
                     self.proc.wait(SECOND_SIGTERM_AFTER)
                 except subprocess.TimeoutExpired:
-                    # llama-server's SIGTERM handler takes its task queue's lock, and waits for good when the
-                    # signal lands while its own generating loop holds it; a second SIGTERM ends it at once
+                    # llama-server's SIGTERM handler can block for good while it generates (its main thread
+                    # waits on a lock inside the handler, SIGTERM masked); a second one exits it at once
                     os.killpg(self.proc.pid, signal.SIGTERM)
                     self.proc.wait(grace)
             except subprocess.TimeoutExpired:
