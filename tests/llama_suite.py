@@ -34,7 +34,7 @@ FILES = ("test_basic.py", "test_chat_completion.py", "test_completion.py", "test
 # what a run needs from the llama.cpp source: the suite, the templates and media files its tests name
 MEMBERS = ("tools/server/tests/", "models/templates/", "tools/mtmd/test-")
 
-# Tests reamkit serve fails on purpose where plain llama-server passes (fnmatch patterns of test ids): why.
+# Tests reamkit serve fails on purpose where plain llama-server passes (test ids, or fnmatch patterns of them): why.
 ONE_HOST = "reamkit serve listens on one address (--host); llama-server's comma-separated list is not taken"
 KV_UNIFIED = ("reamkit serve starts llama-server with --kv-unified: the slots share one KV cache, so a slot's "
               "n_ctx is the whole context (one agent's long prompt may use all of it), not the context divided "
@@ -43,10 +43,18 @@ TEMPLATE_FILE = ("reamkit serve takes a chat template from the GGUF or a file (-
                  "llama-server's --chat-template (a built-in name or an inline template) is refused at start")
 UNSAFE = ("reamkit serve refuses llama-server's options that let a request act on the machine: --tools "
           "(server-side tools: shell, files) and --ui-mcp-proxy (/cors-proxy fetches any URL for the caller)")
+NOT_SERVED = ("reamkit serve serves only its documented endpoints: llama-server's /props, /slots and /metrics "
+              "answer 404 (/slots shows every slot's prompt, /props the model's path and settings; the owner reaches "
+              "them on the private port)")
+ALLOW_HEADERS = ("a preflight's Access-Control-Allow-Headers echoes its Access-Control-Request-Headers, not '*': "
+                 "browsers do not let '*' cover Authorization, so a browser client could not send the API key")
 DIFFERENCES: dict[str, str] = {
     "test_basic.py::test_server_multiple_addresses": ONE_HOST,
-    "test_basic.py::test_server_props": KV_UNIFIED,
-    "test_basic.py::test_server_slots": KV_UNIFIED,
+    "test_basic.py::test_server_props": f"{NOT_SERVED}; and {KV_UNIFIED}",
+    "test_basic.py::test_server_slots": f"{NOT_SERVED}; and {KV_UNIFIED}",
+    # reads /slots to see the abandoned request stopped; tests/test_serve_hardening.py shows it stops through reamkit
+    "test_completion.py::test_cancel_request": NOT_SERVED,
+    "test_security.py::test_cors_options[web.mydomain.fr-Access-Control-Allow-Headers-*]": ALLOW_HEADERS,
     "test_chat_completion.py::test_context_size_exceeded*": KV_UNIFIED,
     "test_completion.py::test_nocache_long_input_prompt": KV_UNIFIED,       # fits the whole context, not a slot's
     "test_chat_completion.py::test_chat_template": TEMPLATE_FILE,
@@ -199,6 +207,8 @@ def run_both(work: Path, files: tuple[str, ...] = FILES, select: str | None = No
 
 
 def deliberate(test_id: str) -> str | None:
+    if test_id in DIFFERENCES:                       # an exact id first: parametrized ids hold [ ] and *
+        return DIFFERENCES[test_id]
     return next((why for pattern, why in DIFFERENCES.items() if fnmatch.fnmatchcase(test_id, pattern)), None)
 
 

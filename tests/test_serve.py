@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import time
 import urllib.request
 
 import anthropic
@@ -380,4 +382,39 @@ def test_sigterm_stops_server_and_llama_server(tiny_coder_gguf, tmp_path):
         gone, alive = psutil.wait_procs(children, timeout=20)
         assert not alive
     finally:
+        s.stop()
+
+
+def test_sigterm_with_answers_in_flight_exits_at_once(tiny_coder_gguf, tmp_path):
+    """SIGTERM while two answers (one streamed, one whole) are asked for 4000 tokens each: reamkit serve gives
+    them half a second, not the whole generation, and stops llama-server, whose own SIGTERM handler can block
+    while it generates (then a second SIGTERM ends it): exit code 0 within a few seconds, no process left."""
+    s = Served(tiny_coder_gguf, tmp_path, key=None, ctx=8192)
+    socks = []
+    try:
+        children = psutil.Process(s.proc.pid).children(recursive=True)
+        for stream in (True, False):
+            body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "go"}], "max_tokens": 4000,
+                               "ignore_eos": True, "stream": stream}).encode()
+            sock = socket.create_connection(("127.0.0.1", s.port))
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            socks.append(sock)
+        got = b""
+        while got.count(b"data: ") < 3:                   # the stream is generating
+            got += socks[0].recv(4096)
+        start = time.monotonic()
+        os.kill(s.proc.pid, signal.SIGTERM)
+        assert s.proc.wait(30) == 0
+        took = time.monotonic() - start
+        gone, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive
+        while chunk := socks[0].recv(65536):
+            got += chunk
+        assert b"[DONE]" not in got                       # the stream was cut short, not waited for
+        print(f"reamkit serve exited {took:.2f} s after SIGTERM with 2 answers in flight")
+        assert took < 8, f"exit took {took:.1f} s"        # (waiting for either: 10-17 s on 2 busy cores)
+    finally:
+        for sock in socks:
+            sock.close()
         s.stop()

@@ -9,7 +9,7 @@ virtual environment (its own pinned requirements); both are cached.
 
 from __future__ import annotations
 
-from .llama_suite import DIFFERENCES, Outcome, compare, run_both, table
+from .llama_suite import DIFFERENCES, Outcome, compare, deliberate, run_both, table
 from .llama_suite_plugin import reamkit_command
 
 # One or more tests of each kind (each starts its own server, so a few): start and models, the API key (three
@@ -48,6 +48,17 @@ def test_a_test_only_reamkit_fails_is_a_difference_unless_listed():
     assert c.unexplained == [("a.py::t2", "E assert 400 == 200")]
     assert c.explained == [(listed, why)]
     assert c.per_file["a.py"] == (3, 2, 1)
+
+
+def test_a_parametrized_id_is_listed_exactly_and_each_listed_difference_says_why():
+    """Ids with ``[...]`` and ``*`` (fnmatch's own syntax) match as written, and only themselves."""
+    cors = "test_security.py::test_cors_options[web.mydomain.fr-Access-Control-Allow-Headers-*]"
+    assert "Authorization" in deliberate(cors)
+    assert deliberate(cors.replace("Headers", "Methods")) is None
+    assert deliberate("test_security.py::test_cors_options[w]") is None
+    assert deliberate("test_chat_completion.py::test_context_size_exceeded_stream") == deliberate(
+        "test_basic.py::test_server_props").split("; and ")[1]
+    assert all(len(why) > 40 for why in DIFFERENCES.values())
 
 
 def test_reamkit_serve_passes_what_llama_server_passes(tmp_path, figure):

@@ -105,6 +105,77 @@ def test_cors_origins_like_llama_server(stub, setting, origin, allowed):
         assert r.status_code == 200 and r.headers.get("access-control-allow-origin") == (origin if allowed else None)
 
 
+def test_header_names_go_on_the_wire_capitalised_as_llama_server_writes_them(stub):
+    """uvicorn writes header names in lower case; the layer's protocol writes ``Access-Control-Allow-Origin``,
+    ``Content-Type``, as llama-server does (clients reading headers into a plain dict look that spelling up).
+    Only each response's head changes: two pipelined answers, a body that looks like a head, and a streamed
+    answer pass byte for byte."""
+    import socket
+    import time
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
+
+    from reamkit.serving.access import CORS
+    from reamkit.serving.wire import CapitalisedHeaders, capitalised
+
+    assert capitalised(b"HTTP/1.1 200 OK\r\nx-request-id: a-b\r\nvary: Origin\r\n\r\n") == \
+        b"HTTP/1.1 200 OK\r\nX-Request-Id: a-b\r\nVary: Origin\r\n\r\n"
+    head_like = b"HTTP/1.1 200 OK\r\nfoo-bar: 1\r\n\r\n"
+
+    async def plain(request):
+        return Response(head_like, headers={"x-custom-name": "v"}, media_type="text/plain")
+
+    async def streamed(request):
+        async def chunks():
+            yield head_like
+        return StreamingResponse(chunks())
+
+    app = CORS(Starlette(routes=[Route("/p", plain, methods=["GET", "POST"]), Route("/s", streamed)]), "*")
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=CapitalisedHeaders,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /p HTTP/1.1\r\nHost: x\r\nOrigin: http://web.example\r\n\r\n"
+                         b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n"
+                         b"OPTIONS /p HTTP/1.1\r\nHost: x\r\nOrigin: http://web.example\r\n"
+                         b"Access-Control-Request-Method: POST\r\nConnection: close\r\n\r\n")
+            wire = b""
+            while chunk := sock.recv(65536):
+                wire += chunk
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    first, rest = wire.split(b"\r\n\r\n", 1)
+    assert b"\r\nAccess-Control-Allow-Origin: http://web.example\r\n" in first + b"\r\n"
+    assert b"\r\nContent-Type: " in first and b"\r\nX-Custom-Name: v" in first + b"\r\n"
+    assert b"\r\nContent-Length: " in first and b"access-control" not in first
+    assert rest.startswith(head_like + b"HTTP/1.1 200 OK\r\n")              # the body as the app wrote it
+    second, rest = rest[len(head_like):].split(b"\r\n\r\n", 1)
+    assert b"\r\nTransfer-Encoding: chunked" in second
+    assert rest.startswith(b"%x\r\n" % len(head_like) + head_like + b"\r\n0\r\n\r\n")
+    preflight = rest.split(b"0\r\n\r\n", 1)[1]
+    assert b"\r\nAccess-Control-Allow-Methods: GET, POST, DELETE, OPTIONS\r\n" in preflight
+    assert b"\r\nAccess-Control-Allow-Credentials: true\r\n" in preflight
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # llama-server's Responses stream (tools/server/server-task.cpp): no output_index / content_index / sequence_number
 LLAMA_RESPONSES = [
     ("response.created", {"type": "response.created", "response": {"id": "resp_1", "object": "response",

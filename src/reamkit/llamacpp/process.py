@@ -189,12 +189,21 @@ def start(cmd: Sequence, *, log: IO[bytes], env: dict[str, str] | None = None,
                             preexec_fn=functools.partial(die_with_parent, signal.SIGTERM))
 
 
-def stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    """Stop a process from :func:`start` and its whole group: SIGTERM, then SIGKILL after ``grace`` seconds."""
+def stop(proc: subprocess.Popen, grace: float = 15.0, second_sigterm_after: float | None = None) -> None:
+    """Stop a process from :func:`start` and its whole group: SIGTERM, then SIGKILL after ``grace`` seconds.
+    With ``second_sigterm_after``, a second SIGTERM goes after that many seconds first: llama-server's SIGTERM
+    handler can block for good while it generates (its main thread waits on a lock inside the handler, SIGTERM
+    masked), and a second one makes it exit at once."""
     if proc.poll() is not None:
         return
     try:
         os.killpg(proc.pid, signal.SIGTERM)
+        if second_sigterm_after is not None:
+            try:
+                proc.wait(second_sigterm_after)
+                return
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(grace)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)

@@ -28,6 +28,9 @@ from ..llamacpp.tools import start_server
 from .models import resolve_model
 
 log = logging.getLogger("reamkit.serve")
+# seconds answers in flight may take to finish on Ctrl-C / SIGTERM; then they are cut and llama-server stopped
+SHUTDOWN_GRACE = 0.5
+SECOND_SIGTERM_AFTER = 1.0     # seconds llama-server has to exit on SIGTERM before it gets a second one
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
 
@@ -168,7 +171,7 @@ class LlamaServer:
         return self.proc.poll() is None
 
     def stop(self, grace: float = 15.0) -> None:
-        process.stop(self.proc, grace)
+        process.stop(self.proc, grace, second_sigterm_after=SECOND_SIGTERM_AFTER)
         self._log.close()
 
 
@@ -201,6 +204,7 @@ def serve(model: str | Path, opts: ServeOptions, *, variant: str | None = None, 
     import uvicorn
 
     from .proxy import Settings, build_app
+    from .wire import CapitalisedHeaders
 
     check_options(opts)
     if not is_loopback(opts.host) and not opts.api_key:
@@ -239,7 +243,8 @@ def serve(model: str | Path, opts: ServeOptions, *, variant: str | None = None, 
                             "strict" if opts.strict_fields else "off" if opts.allow_unknown_fields else "typos",
                             opts.cors_origins)
         config = uvicorn.Config(build_app(settings, child.alive), host=opts.host, port=port, log_level="warning",
-                                access_log=False, timeout_keep_alive=30, lifespan="on")
+                                access_log=False, timeout_keep_alive=30, lifespan="on", http=CapitalisedHeaders,
+                                timeout_graceful_shutdown=SHUTDOWN_GRACE)
         server = uvicorn.Server(config)
 
         async def watch():
