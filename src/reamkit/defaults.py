@@ -20,6 +20,7 @@ CALIB_SEED = 0                          # seed of the calibration sampling and o
 
 # ---------------------------------------------------------------- compression
 COMPRESS_METHOD = "auto"                # ``reamkit compress``: REAP or REAM per layer, whichever measures better
+AUTO_HOLDOUT = 0.25                     # auto and REAM --group-size auto: share of calibration batches held out
 RUN_METHODS = ("auto", "reap")          # a run compares these
 RUN_RATIO = 0.25                        # a run's target: the fraction of experts removed
 DEVICE = "auto"                         # cuda when torch sees one, else cpu

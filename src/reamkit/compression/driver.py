@@ -35,7 +35,7 @@ from .methods import MethodOptions, get_method
 
 @dataclass
 class CompressOptions:
-    method: str = "ream"
+    method: str = defaults.COMPRESS_METHOD
     experts: int | None = None            # experts kept per layer
     ratio: float | None = None            # or: fraction of experts removed (0.25 -> 512 becomes 384)
     method_options: dict = field(default_factory=dict)   # as given; validated by the method's Options model

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from ... import defaults
 from ..candidates import choose
 from ..plan import LayerPlan
 from .base import Method
@@ -27,7 +28,7 @@ CANDIDATES = "reap,ream:2,ream:4,ream:8,ream:n/8,ream:16"
 
 class AutoOptions(MergeOptions):
     candidates: str = CANDIDATES
-    holdout: float = Field(0.25, gt=0, lt=1)     # a fraction of the calibration batches
+    holdout: float = Field(defaults.AUTO_HOLDOUT, gt=0, lt=1)     # a fraction of the calibration batches
 
 
 class Auto(Method):

@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
+from ... import defaults
 from ...errors import ReamkitError
 from ..align import ActivationFeatures, PCAFeatures, align_group
 from ..align_reference import PerExpertActivationFeatures
@@ -41,7 +42,6 @@ from ..plan import Group, LayerPlan, top_k_indices
 from .base import Method, MethodOptions
 
 AUTO_SIZES = "ream:2,ream:4,ream:8,ream:n/8,ream:16"
-HOLDOUT = 0.25
 
 
 class MergeOptions(MethodOptions):
@@ -78,7 +78,7 @@ class Ream(Method):
     Options = ReamOptions
 
     def holdout(self, options) -> float:
-        return HOLDOUT if options.group_size == "auto" else 0.0
+        return defaults.AUTO_HOLDOUT if options.group_size == "auto" else 0.0
 
     def plan_layer(self, inp) -> LayerPlan:
         return plan(inp)
