@@ -42,6 +42,43 @@ def test_plans_on_the_demo_model_are_pinned(method, options, tmp_path):
     assert got == PINNED[(method, options)]
 
 
+# REAM's groups (members, centroid first) and kept experts of every layer of two random-weight zoo models at 25 %
+# fewer experts, calibrated on 8 x 64 tokens, as the implementation before the speed-up of the layer pass gave them.
+# A faster pass must plan exactly the same: every layer's groups depend on the merged layers before it (sequential).
+PINNED_ZOO = {
+    ("qwen3_next", "paper"): [
+        [[2, 11, 3, 15, 0], [1, 2, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14]],
+        [[12, 8, 4, 11, 13], [0, 1, 2, 3, 5, 6, 7, 9, 10, 12, 14, 15]],
+        [[14, 2, 0, 5, 12], [1, 3, 4, 6, 7, 8, 9, 10, 11, 13, 14, 15]],
+        [[11, 0, 3, 14, 15], [1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]],
+    ("qwen3_next", "reference"): [
+        [[2, 11, 8, 3, 0], [1, 2, 4, 5, 6, 7, 9, 10, 12, 13, 14, 15]],
+        [[12, 4, 11, 2, 13], [0, 1, 3, 5, 6, 7, 8, 9, 10, 12, 14, 15]],
+        [[1, 5, 7, 0, 12], [1, 2, 3, 4, 6, 8, 9, 10, 11, 13, 14, 15]],
+        [[2, 7, 0, 3, 15], [1, 2, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14]]],
+    ("qwen3_moe", "paper"): [
+        [[11, 2, 4, 0, 15], [1, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]],
+        [[6, 5, 8, 2, 7], [0, 1, 3, 4, 6, 9, 10, 11, 12, 13, 14, 15]],
+        [[13, 11, 4, 3, 5], [0, 1, 2, 6, 7, 8, 9, 10, 12, 13, 14, 15]],
+        [[3, 13, 10, 0, 12], [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 14, 15]]],
+    ("qwen3_moe", "reference"): [
+        [[11, 2, 4, 14, 15], [0, 1, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13]],
+        [[6, 8, 12, 2, 7], [0, 1, 3, 4, 5, 6, 9, 10, 11, 13, 14, 15]],
+        [[13, 4, 3, 11, 5], [0, 1, 2, 6, 7, 8, 9, 10, 12, 13, 14, 15]],
+        [[3, 10, 2, 9, 6], [0, 1, 3, 4, 5, 7, 8, 11, 12, 13, 14, 15]]],
+}
+
+
+@pytest.mark.parametrize("family,variant", list(PINNED_ZOO))
+def test_ream_plans_on_zoo_models_are_pinned(family, variant, tmp_path):
+    from reamkit.zoo import build_cached
+
+    res = compress(build_cached(family), tmp_path / "out", CompressOptions(
+        method="ream", ratio=0.25, samples=8, seq_len=64, batch_size=4, method_options={"variant": variant}))
+    got = [[g["members"] for g in lay["groups"]] + [lay["kept"]] for lay in res.report["layers"] if lay["moe"]]
+    assert got == PINNED_ZOO[(family, variant)]
+
+
 def observed(block, x: torch.Tensor, batches: int, samples: int = 1024) -> ExpertStats:
     st = ExpertStats(block.num_experts, x.shape[1], block.experts.gate.shape[1], batches,
                      ObserveOptions(activation_samples=samples))
