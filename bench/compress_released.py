@@ -12,6 +12,13 @@ its ``merge.py`` does, without ``merge.py`` itself (that imports vllm and lm_eva
 infers the tokenizer from the model's name). ``datasets`` is stubbed when missing: the released code imports
 it only to build its own data files, which are not used here.
 
+The released code pins transformers 4.57.6 (its ``get_moe_input`` passes ``create_causal_mask`` a keyword that
+later versions renamed), so give it an interpreter with that version (``--python``), e.g. a venv made with
+``python -m venv V && V/bin/pip install transformers==4.57.6 "huggingface_hub<1.0" "tokenizers<0.23"`` plus a
+``.pth`` file naming reamkit's site-packages (for torch, scipy, psutil, tqdm: the same builds for both programs).
+Under transformers 4.57 the demo model loads with one module per expert, the layout that code was written for;
+the child checks that every expert weight it loaded equals the checkpoint's.
+
 Each program runs in a child process of its own, alternating (released, reamkit, released, reamkit, ...);
 a child's figure is its wall time from its start to its exit -- interpreter start and imports, model load,
 calibration forwards, merging, writing the compressed checkpoint -- and its peak RSS (``wait4``). Each child
