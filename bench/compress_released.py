@@ -25,7 +25,7 @@ calibration forwards, merging, writing the compressed checkpoint -- and its peak
 also reports the time after its imports ("work": load, calibrate, merge, save). The ratio is reamkit /
 released per round, with its median and range over the rounds.
 
-    python bench/compress_released.py --released /work/ext/ream [--python PY] [--rounds 3]
+    python bench/compress_released.py --released PATH/TO/ream [--python PY] [--rounds 3]
         [--samples 128] [--seq-len 512] [--experts 12] [--threads 2] [--only reamkit|released]
 """
 
