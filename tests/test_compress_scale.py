@@ -1,5 +1,5 @@
 """Compression at scale: the statistics a method reads do not grow with the calibration set, and the plans on a
-fixed model (the trained demo model) stay what they were when the per-token statistics were kept."""
+fixed model (the trained demo model; two random-weight zoo models for REAM) stay what they were pinned as."""
 
 from __future__ import annotations
 
@@ -34,17 +34,21 @@ PINNED = {
 }
 
 
+def plans(result) -> list:
+    """Per MoE layer of a compression's report: its groups' members (centroid first), then its kept experts."""
+    return [[g["members"] for g in lay["groups"]] + [lay["kept"]] for lay in result.report["layers"] if lay["moe"]]
+
+
 @pytest.mark.parametrize("method,options", list(PINNED))
 def test_plans_on_the_demo_model_are_pinned(method, options, tmp_path):
     res = compress(DEMO_MODEL, tmp_path / "out", CompressOptions(method=method, ratio=0.25, samples=16, seq_len=128,
                                                                  batch_size=4, method_options=dict(options)))
-    got = [[g["members"] for g in lay["groups"]] + [lay["kept"]] for lay in res.report["layers"] if lay["moe"]]
-    assert got == PINNED[(method, options)]
+    assert plans(res) == PINNED[(method, options)]
 
 
 # REAM's groups (members, centroid first) and kept experts of every layer of two random-weight zoo models at 25 %
-# fewer experts, calibrated on 8 x 64 tokens, as the implementation before the speed-up of the layer pass gave them.
-# A faster pass must plan exactly the same: every layer's groups depend on the merged layers before it (sequential).
+# fewer experts, calibrated on 8 x 64 tokens, as the layer pass gave them when they were pinned. A faster pass must
+# plan exactly the same: every layer's groups depend on the merged layers before it (sequential).
 PINNED_ZOO = {
     ("qwen3_next", "paper"): [
         [[2, 11, 3, 15, 0], [1, 2, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14]],
@@ -75,8 +79,7 @@ def test_ream_plans_on_zoo_models_are_pinned(family, variant, tmp_path):
 
     res = compress(build_cached(family), tmp_path / "out", CompressOptions(
         method="ream", ratio=0.25, samples=8, seq_len=64, batch_size=4, method_options={"variant": variant}))
-    got = [[g["members"] for g in lay["groups"]] + [lay["kept"]] for lay in res.report["layers"] if lay["moe"]]
-    assert got == PINNED_ZOO[(family, variant)]
+    assert plans(res) == PINNED_ZOO[(family, variant)]
 
 
 def observed(block, x: torch.Tensor, batches: int, samples: int = 1024) -> ExpertStats:
