@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--calib", default="code=0.7,math=0.3")
+    ap.add_argument("--calib", help="calibration mix (default: reamkit's, code=0.7,math=0.3)")
     ap.add_argument("--experts", type=int, default=12, help="experts kept per layer (of 16)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=["reamkit", "released"], help="time one program only")
@@ -205,8 +205,10 @@ def main() -> None:
     if a.only != "reamkit" and not a.released:
         ap.error("--released PATH is needed (or --only reamkit)")
 
+    from reamkit import defaults
     from reamkit.zoo import DEMO_MODEL
 
+    a.calib = a.calib or defaults.CALIB_MIX
     model = Path(a.model or DEMO_MODEL).resolve()
     work = Path(tempfile.mkdtemp(prefix="reamkit-vs-released-"))
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
