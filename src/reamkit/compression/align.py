@@ -124,6 +124,15 @@ def activation_features(acts: torch.Tensor) -> torch.Tensor:
     return F.normalize(acts.float().transpose(1, 2), dim=-1)
 
 
+def euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise L2 distances between the rows of ``a`` [M, F] and ``b`` [K, F]: sqrt(|a|^2 + |b|^2 - 2 a.b), the
+    arithmetic of ``torch.cdist``'s matrix-product path as one product (cdist itself takes 2-3 times longer on
+    features [D, S] with S = 32768 activation samples)."""
+    d = a @ b.T
+    d.mul_(-2).add_(a.pow(2).sum(-1)[:, None]).add_(b.pow(2).sum(-1)[None])
+    return d.clamp_min_(0).sqrt_()
+
+
 def align_group(centroid: int, others: list[int], *feature_sets) -> list[list[int]]:
     """For each expert j of ``others``, the permutation ``perm`` with j's neuron ``perm[a]`` matched to the
     centroid's neuron ``a``, minimising the summed distances over the given feature sets (each indexable by
@@ -134,7 +143,7 @@ def align_group(centroid: int, others: list[int], *feature_sets) -> list[list[in
     mine = [fs[centroid].double() for fs in feature_sets]
     perms = []
     for j in others:
-        cost = sum(torch.cdist(c, fs[j].double()) for c, fs in zip(mine, feature_sets))
+        cost = sum(euclidean(c, fs[j].double()) for c, fs in zip(mine, feature_sets))
         rows, cols = linear_sum_assignment(cost.cpu().numpy())
         assert (rows == range(len(rows))).all()
         perms.append([int(c) for c in cols])
