@@ -150,6 +150,78 @@ def test_sums_over_all_tokens_equal_the_dense_expert_outputs():
     assert torch.allclose(st.paper_sum, (norms * probs * routed).sum(0).double(), rtol=1e-5)
 
 
+def test_output_sums_asked_for_later_equal_those_observed_at_once():
+    """Observed without the output sums, a layer's statistics gain them for the experts asked for, by replaying
+    the batches: equal to those a full observation computes; the others stay out, of the saved file too."""
+    from reamkit.compression.observe import OUTPUT_KEYS
+
+    gen = torch.Generator().manual_seed(3)
+    block = make_block(gen)
+    chunks = tokens(gen, 2048).chunk(4)
+    full = observed(block, torch.cat(chunks), 4)
+    lazy = ExpertStats(block.num_experts, chunks[0].shape[1], block.experts.gate.shape[1], 4,
+                       ObserveOptions(activation_samples=1024, outputs=False))
+    for c in chunks:
+        lazy.observe(block, c)
+    assert not lazy.has_outputs.any() and not lazy.gated_out_sum.any()
+    assert not set(OUTPUT_KEYS) & set(lazy.summary_tensors()) and set(OUTPUT_KEYS) <= set(full.summary_tensors())
+    for k in ("reap_sum", "paper_sum", "ean_sum", "ref_chunk_sum", "mid_sumsq", "freq", "logit_gram"):
+        assert torch.allclose(getattr(lazy, k), getattr(full, k), rtol=1e-6, atol=1e-9), k
+    with pytest.raises(RuntimeError, match="replayed"):
+        lazy.ensure_outputs([1], block, lambda: iter(chunks[:3]))
+    lazy.ensure_outputs([5, 1, 5], block, lambda: iter(chunks))
+    assert lazy.has_outputs.nonzero().flatten().tolist() == [1, 5]
+    for k in OUTPUT_KEYS:
+        assert torch.allclose(getattr(lazy, k)[[1, 5]], getattr(full, k)[[1, 5]], rtol=1e-5, atol=1e-3), k
+        assert not getattr(lazy, k)[[0, 2, 3, 4]].any()
+    with pytest.raises(ValueError, match="cannot be replayed"):
+        lazy.ensure_outputs([2], block, None)
+
+
+@pytest.mark.parametrize("n,keep,group_size", [(16, 12, 16), (16, 12, 2), (32, 20, 4), (64, 48, 16), (16, 8, 0)])
+def test_ream_groups_read_only_the_output_experts_distances(n, keep, group_size):
+    """The pseudo-pruning groups depend on the distances of the dropped experts and of the centroids that take
+    them only (:func:`output_experts`): with every other distance made arbitrary, the groups stay the same."""
+    from reamkit.compression.methods.ream import output_experts, pseudo_groups
+
+    gen = torch.Generator().manual_seed(n + keep + group_size)
+    for _ in range(5):
+        sal = torch.rand(n, generator=gen, dtype=torch.float64)
+        d = torch.rand(n, n, generator=gen, dtype=torch.float64)
+        d = (d + d.T) / 2
+        d.fill_diagonal_(0)
+        read = output_experts(sal, keep, group_size)
+        other = torch.ones(n, dtype=torch.bool)
+        other[read] = False
+        noisy = d.clone()
+        noisy[other] = torch.rand(int(other.sum()), n, generator=gen, dtype=torch.float64)
+        noisy[:, other] = torch.rand(n, int(other.sum()), generator=gen, dtype=torch.float64)
+        noisy.fill_diagonal_(0)
+        assert pseudo_groups(sal, noisy, keep, group_size) == pseudo_groups(sal, d, keep, group_size)
+        assert len(read) < n or group_size == 0
+
+
+def test_ream_plans_the_same_from_output_sums_asked_for_later():
+    """REAM on statistics observed without the output sums (they are computed for the experts its groups read)
+    makes the plan a full observation gives: same groups, members, weights and neuron permutations."""
+    from reamkit.compression.methods.ream import plan
+
+    gen = torch.Generator().manual_seed(4)
+    block = make_block(gen)
+    chunks = tokens(gen, 2048).chunk(4)
+    opts = method_options("ream", {"group_size": 2})
+    plans = []
+    for outputs in (True, False):
+        st = ExpertStats(block.num_experts, chunks[0].shape[1], block.experts.gate.shape[1], 4,
+                         ObserveOptions(activation_samples=512, outputs=outputs))
+        for c in chunks:
+            st.observe(block, c)
+        p = plan(MethodInput(st, block, 10, opts, moe_inputs=lambda: iter(chunks)))
+        plans.append([(g.centroid, g.members, [round(w, 9) for w in g.weights], g.perms) for g in p.groups])
+        assert outputs or 0 < int(st.has_outputs.sum()) < block.num_experts
+    assert plans[0] == plans[1]
+
+
 def test_the_compressed_layers_pass_skips_attention_but_computes_the_same(zoo_path):
     """Stopping a decoder layer at its MoE block gives its MoE input and residual stream; the residual plus the
     MoE of the normed residual is exactly the layer's output."""

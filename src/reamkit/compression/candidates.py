@@ -142,7 +142,7 @@ def choose(inp, spec: str) -> LayerPlan:
     for label, name, opts in parse(spec, st.num_experts, inp.keep, inp.options):
         t = time.time()
         plan = get_method(name).plan_layer(MethodInput(st, inp.block, inp.keep, opts, sequences=inp.sequences,
-                                                       cache=cache))
+                                                       cache=cache, moe_inputs=inp.moe_inputs))
         scores[label] = scorer(plan)
         seconds[label] = round(time.time() - t, 3)
         if best is None or scores[label] < scores[chosen]:

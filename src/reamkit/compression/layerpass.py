@@ -19,14 +19,11 @@ applied without stacking copies (kept experts are the loaded tensors themselves)
 in a sequential pass the observing forward stops at the MoE block and keeps the residual stream there (in place
 of the layer's inputs), so the compressed layer's pass computes only residual + MoE, not the attention again;
 while a layer is planned, large blocks are mapped on their own so that freeing them returns them to the
-system (:func:`mmap_threshold`; glibc's heap otherwise keeps freed blocks, fragmented, up to 0.2 GB more on the
-bench checkpoint; doing so in the forward passes as well would cost ~80 % more time in page faults), and the
-rest of the freed heap is handed back after the forward passes and after each layer.
+system (:mod:`.heap`), and the rest of the freed heap is handed back after the forward passes and after each layer.
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import time
@@ -37,30 +34,11 @@ from safetensors.torch import load_file
 from ..checkpoint.writer import save_safetensors
 from ..fsutil import atomic_file
 from .cache import ActivationCache
+from .heap import release_memory
 from .layerwise import LayerwiseModel
 from .steps import LayerSteps
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-_M_MMAP_THRESHOLD = -3
-
-
-def mmap_threshold(nbytes: int) -> None:
-    """Serve allocations of ``nbytes`` or more by their own mappings (glibc's mallopt)."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, nbytes)
-    except (OSError, AttributeError):                  # not glibc
-        pass
-
-
-def release_memory() -> None:
-    """Collect, then return freed heap pages to the system (glibc's malloc_trim), so the next layer starts low."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:                                   # not glibc: nothing to trim
-        pass
 
 
 class _Pass:
@@ -93,6 +71,15 @@ class _Pass:
         return f"{i:05d}" if isinstance(i, int) else "mtp-" + i.split(".")[2]
 
     def all_layers(self) -> list[dict]:
+        # The objects that exist now (imported modules: transformers alone makes hundreds of thousands) live as
+        # long as the pass: frozen, the collections between layers (:func:`release_memory`) skip them, 0.2 s each.
+        gc.freeze()
+        try:
+            return self._all_layers()
+        finally:
+            gc.unfreeze()
+
+    def _all_layers(self) -> list[dict]:
         lw, n_layers = self.lw, self.model.num_layers
         total = n_layers + len(self.mtp)
         if self.saved is not None:                      # planned from saved observations: no forward at all

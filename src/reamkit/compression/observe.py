@@ -1,8 +1,11 @@
 """Per-expert statistics of one MoE layer, accumulated over calibration batches in a size that does not grow
 with the number of calibration tokens.
 
-Every routed expert is evaluated on every calibration token (in blocks of experts sized to a memory budget), as
-REAP and REAM both require. One pass gathers everything any method needs:
+One pass over the batches gathers what the methods need. Each expert is evaluated on its routed tokens (the
+saliencies, the importance matrix); the sums over *all* tokens (``gated_out_sum``, ``out_sum``) need every
+expert on every token, so they are computed either in the same pass (``outputs=True``: HC-SMoE reads every
+expert's) or later, for the experts a plan reads (:meth:`ExpertStats.ensure_outputs`, replaying the batches'
+MoE inputs: REAM reads only the dropped experts' and those of the centroids that take them).
 
 * ``freq`` [N]           routed token counts |X_i| (tokens whose top-k includes i)
 * ``prob_mass`` [N]      sum over all tokens of the softmax probability p_i
@@ -25,10 +28,10 @@ REAP and REAM both require. One pass gathers everything any method needs:
 
 Sizes: 6N + N(3H + D) + N^2 float64 numbers and S x H inputs, whatever the number of calibration tokens.
 
-Speed: E_i = W_down,i h_i is linear in h_i, so the sums over all tokens of p_i E_i and E_i are W_down,i applied
-to the sums of p_i h_i and h_i; the down projection runs on the routed tokens only (where the norms are needed).
-Every expert's gate and up projections run on every token: a third of the dense cost is saved, and more
-as top-k / N falls. Memory: the hidden activations are computed ``block_bytes`` at a time (a few experts per step).
+Speed: the routed statistics cost top-k expert evaluations per token (each expert's gate, up and down on its
+own tokens, gathered). For the sums over all tokens, E_i = W_down,i h_i is linear in h_i, so they are W_down,i
+applied to the sums of p_i h_i and h_i: a block of experts' gate and up projections run on every token
+(``block_bytes`` of hidden activations at a time), the down projection once per batch. REAM compressing 512 experts to 384 with groups of 16 evaluates 137 of them on every token.
 """
 
 from __future__ import annotations
@@ -39,15 +42,19 @@ import torch
 
 from ..defaults import ACTIVATION_SAMPLES
 from ..models.moe import MoEBlock
+from .heap import FORWARD, heap_mode
 
 STAT_KEYS = ("freq", "prob_mass", "reap_sum", "paper_sum", "ref_chunk_sum", "ean_sum", "gated_out_sum",
              "out_sum", "in_sumsq", "mid_sumsq")
+OUTPUT_KEYS = ("gated_out_sum", "out_sum")    # the sums over all tokens (every expert evaluated on every token)
 
 
 @dataclass
 class ObserveOptions:
     activation_samples: int = ACTIVATION_SAMPLES   # positions of the MoE input kept per layer for alignment (0: none)
     keep_logits: bool = True              # accumulate the router logits' Gram matrix (REAM, M-SMoE)
+    outputs: bool = True                  # every expert's output sums on every token now (False: on demand,
+                                          # :meth:`ExpertStats.ensure_outputs`, for the experts a plan reads)
     block_bytes: int = 32 << 20           # memory for one block of hidden activations
     seed: int = 0
 
@@ -67,6 +74,7 @@ class ExpertStats:
         self.ref_chunk_sum, self.ean_sum = z(n), z(n)
         self.gated_out_sum, self.out_sum, self.in_sumsq, self.mid_sumsq = z(n, h), z(n, h), z(n, h), z(n, d)
         self.logit_gram = z(n, n) if self.options.keep_logits else None
+        self.has_outputs = torch.zeros(n, dtype=torch.bool)     # experts whose output sums are complete
         self.tokens = 0
         self.batches = 0
         self.sampled = 0
@@ -93,10 +101,10 @@ class ExpertStats:
             self.logit_gram += (zd.T @ zd).cpu()
         self._sample(x)
         self._block = block
-        n = block.num_experts
-        step = max(1, int(self.options.block_bytes // max(1, 3 * t * self.inter * x.element_size())))
-        for s in range(0, n, step):
-            self._experts(block, x, slice(s, min(n, s + step)), probs, gates, routed)
+        self._routed(block, x, probs, gates, routed)
+        if self.options.outputs:
+            self._all_outputs(block, x, torch.arange(block.num_experts), probs, self.gated_out_sum, self.out_sum)
+            self.has_outputs[:] = True
         self.tokens += t
         self.batches += 1
 
@@ -109,31 +117,69 @@ class ExpertStats:
         self.x_samples.append(x[pos].clone())
         self.sampled += len(pos)
 
-    def _experts(self, block: MoEBlock, x, sl: slice, probs, gates, routed) -> None:
-        """The statistics of the experts ``sl`` on one batch."""
-        h = block.expert_hidden(x, sl)                                     # [n, T, D]
-        down_t = block.experts.down[sl].to(h.dtype).transpose(1, 2)        # [n, D, H]
-        weights = torch.stack([probs[:, sl].T.to(h.dtype), torch.ones_like(h[:, :, 0])], dim=1)   # [n, 2, T]
+    def _routed(self, block: MoEBlock, x, probs, gates, routed) -> None:
+        """The statistics over each expert's routed tokens: its output's norm there (saliencies) and its squared
+        hidden activations, each expert evaluated on its own tokens only."""
+        e, tok = routed.T.nonzero(as_tuple=True)                           # (expert, token) pairs, expert-major
+        counts = torch.bincount(e, minlength=block.num_experts).tolist()
+        norms = torch.empty(len(e), dtype=torch.float32, device=x.device)
+        start = 0
+        for i, c in enumerate(counts):
+            if c:
+                h = block.hidden_of(i, x[tok[start:start + c]])              # [c, D]
+                norms[start:start + c] = block.down_of(i, h).float().norm(dim=-1)
+                self.mid_sumsq[i] += (h * h).sum(0).double().cpu()
+                start += c
+        p, g, nd = probs[tok, e].double(), gates[tok, e].double(), norms.double()
+        add = lambda v: torch.zeros(block.num_experts, dtype=torch.float64, device=x.device).index_add_(0, e, v)  # noqa: E731
+        self.reap_sum += add(g * nd).cpu()
+        self.paper_sum += add(p * nd).cpu()
+        self.ean_sum += add(nd).cpu()
+        cnt = torch.tensor(counts, dtype=torch.float64, device=x.device).clamp(min=1)
+        self.ref_chunk_sum += (add(p * p * nd) / cnt).cpu()
+
+    def _all_outputs(self, block: MoEBlock, x, idx: torch.Tensor, probs, gated, plain) -> None:
+        """Add the sums over all tokens of p_i E_i and of E_i for the experts ``idx`` to ``gated`` and ``plain``
+        [N, H], a few experts at a time."""
+        step = max(1, int(self.options.block_bytes // max(1, 3 * x.shape[0] * self.inter * x.element_size())))
+        for s in range(0, len(idx), step):
+            self._outputs(block, x, idx[s:s + step], probs, gated, plain)
+
+    def _outputs(self, block: MoEBlock, x, idx: torch.Tensor, probs, gated, plain) -> None:
+        h = block.expert_hidden(x, idx)                                    # [n, T, D]
+        down_t = block.experts.down[idx].to(h.dtype).transpose(1, 2)       # [n, D, H]
+        weights = torch.stack([probs[:, idx].T.to(h.dtype), torch.ones_like(h[:, :, 0])], dim=1)   # [n, 2, T]
         sums = torch.bmm(torch.bmm(weights, h), down_t).double().cpu()    # [n, 2, H]: sums of p E and of E
-        self.gated_out_sum[sl] += sums[:, 0]
-        self.out_sum[sl] += sums[:, 1]
-        r = routed[:, sl].T                                                # [n, T]
-        cnt = r.sum(1)
-        most = int(cnt.max())
-        if not most:
+        idx = idx.cpu()
+        gated[idx] += sums[:, 0]
+        plain[idx] += sums[:, 1]
+
+    @torch.no_grad()
+    def ensure_outputs(self, experts, block: MoEBlock | None = None, inputs=None) -> None:
+        """Make ``gated_out_sum`` and ``out_sum`` exact for ``experts`` (observed with ``outputs=False``): every
+        one of them evaluated on every observed token again, ``inputs()`` replaying the observed batches' MoE
+        inputs [T, H] in order. Experts done already are not done again."""
+        idx = torch.as_tensor(sorted({int(i) for i in experts}), dtype=torch.long)
+        idx = idx[~self.has_outputs[idx]]
+        if not idx.numel():
             return
-        order = torch.sort(r.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :most]  # routed first
-        valid = torch.arange(most, device=r.device)[None] < cnt[:, None]                            # [n, c]
-        hr = torch.gather(h, 1, order[..., None].expand(-1, -1, h.shape[-1]))                       # [n, c, D]
-        del h
-        norms = torch.bmm(hr, down_t).float().norm(dim=-1) * valid                                  # [n, c]
-        p = probs[:, sl].T.gather(1, order)
-        g = gates[:, sl].T.float().gather(1, order)
-        self.reap_sum[sl] += (g * norms).sum(1).double().cpu()
-        self.paper_sum[sl] += (p * norms).sum(1).double().cpu()
-        self.ean_sum[sl] += norms.sum(1).double().cpu()
-        self.ref_chunk_sum[sl] += torch.where(cnt > 0, (p * p * norms).sum(1) / cnt.clamp(min=1), 0).double().cpu()
-        self.mid_sumsq[sl] += (hr * hr * valid[..., None].to(hr.dtype)).sum(1).double().cpu()
+        block = block or self._block
+        if block is None or inputs is None:
+            raise ValueError("the experts' output sums were not observed and the MoE inputs cannot be replayed "
+                             "(observe with outputs=True)")
+        seen = 0
+        gated, plain = torch.zeros_like(self.gated_out_sum), torch.zeros_like(self.out_sum)   # added when complete
+        with heap_mode(FORWARD):                  # forward-pass work, even when a plan asks for it
+            for x in inputs():
+                x = x.to(block.router.dtype)
+                probs = torch.softmax(block.router_logits(x).float(), dim=-1)
+                self._all_outputs(block, x, idx.to(x.device), probs, gated, plain)
+                seen += x.shape[0]
+        if seen != self.tokens:
+            raise RuntimeError(f"the replayed MoE inputs hold {seen} tokens, the observed ones {self.tokens}")
+        self.gated_out_sum[idx] += gated[idx]
+        self.out_sum[idx] += plain[idx]
+        self.has_outputs[idx] = True
 
     # ------------------------------------------------------------------ results
     def saliency(self, mode: str, sequences: int | None = None, chunk: int = 8) -> torch.Tensor:
@@ -182,11 +228,13 @@ class ExpertStats:
 
     def summary_tensors(self) -> dict[str, torch.Tensor]:
         """The per-expert statistics worth keeping on disk (not the logits' Gram matrix or the samples), each once;
-        counts and squared-input sums under the names the quantizer's importance matrix reads.
+        counts and squared-input sums under the names the quantizer's importance matrix reads; the output sums
+        only when they were computed for every expert (``outputs=True``).
         The per-expert vectors stay float64, so a plan made from the saved file equals one made here."""
         renamed = {"freq": "expert_tokens", "in_sumsq": "expert_in_sumsq", "mid_sumsq": "expert_mid_sumsq"}
+        keys = STAT_KEYS if bool(self.has_outputs.all()) else [k for k in STAT_KEYS if k not in OUTPUT_KEYS]
         return {renamed.get(k, k): getattr(self, k) if getattr(self, k).ndim == 1 else getattr(self, k).float()
-                for k in STAT_KEYS}
+                for k in keys}
 
 
 def fill_zero_saliency(s: torch.Tensor) -> torch.Tensor:

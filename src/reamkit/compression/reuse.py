@@ -1,7 +1,8 @@
 """Saved observations, and compressing again from them without calibrating.
 
 A compression run saves, in ``compression/`` next to the model, every MoE block's per-expert statistics
-(``observations.safetensors``: token counts, saliency sums, mean outputs, squared-input sums) and what they were
+(``observations.safetensors``: token counts, saliency sums, squared-input sums, and the sums of every expert's
+outputs over all tokens when the method computed them for every expert, as ``hc-smoe`` does) and what they were
 computed on (``observations.json``: the model's fingerprint, the calibration mix, sizes and seed, the compute
 dtype, and whether the inputs came from the original model). A later run can plan from them instead of
 running the calibration set through the model again, when the plan depends on those statistics alone:
@@ -25,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import ReamkitError
-from .observe import STAT_KEYS
+from .observe import OUTPUT_KEYS, STAT_KEYS
 
 _RENAMED = {"freq": "expert_tokens", "in_sumsq": "expert_in_sumsq", "mid_sumsq": "expert_mid_sumsq"}
 
@@ -42,7 +43,10 @@ class SavedStats:
 
     def __init__(self, tensors: dict[str, torch.Tensor], tokens: int):
         for k in STAT_KEYS:
-            setattr(self, k, tensors[_RENAMED.get(k, k)].double())
+            saved = tensors.get(_RENAMED.get(k, k))
+            if saved is None and k not in OUTPUT_KEYS:             # the output sums are saved by some runs only
+                raise KeyError(_RENAMED.get(k, k))
+            setattr(self, k, None if saved is None else saved.double())
         self.num_experts = self.freq.numel()
         self.tokens = tokens
 

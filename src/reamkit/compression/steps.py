@@ -13,7 +13,7 @@ A method composes them (:meth:`.methods.base.Method.compress_layer`); the pass s
 
 Memory: in a sequential pass the observing forward stops at the MoE block and keeps the residual stream there
 (in place of the layer's inputs), so the compressed layer's pass computes only residual + MoE, not the
-attention again; while the method plans, large blocks are mapped on their own (:func:`.layerpass.mmap_threshold`)
+attention again; while the method plans, large blocks are mapped on their own (:mod:`.heap`)
 and the freed heap is handed back before and after.
 """
 
@@ -28,6 +28,7 @@ from ..checkpoint.writer import save_safetensors
 from ..models.moe import MOE_NORM, MoEBlock, capture_moe_input, moe_tail, run_to_moe
 from .cache import ActivationCache
 from .candidates import heldout_batches, heldout_rows
+from .heap import PLANNING, heap_mode, release_memory
 from .methods.base import MethodInput
 from .observe import ExpertStats, ObserveOptions, OutputStats
 
@@ -95,7 +96,7 @@ class LayerSteps:
         stats = ExpertStats(block.num_experts, block.experts.gate.shape[2], block.experts.gate.shape[1],
                             len(hidden) - len(held), ObserveOptions(
                                 activation_samples=run.opts.activation_samples if "activations" in needs else 0,
-                                keep_logits="logits" in needs, seed=seed))
+                                keep_logits="logits" in needs, outputs="outputs" in needs, seed=seed))
         # The original layer's outputs are needed only by a non-sequential pass; otherwise the forward stops at
         # the MoE block, and a sequential pass keeps the residual stream there for the compressed layer's pass.
         stop = run.sequential or nxt is None
@@ -137,14 +138,9 @@ class LayerSteps:
 
     def plan(self, method, options, observed: Observed):
         """The method's plan for the layer; the observations and the original layer are freed after."""
-        from .layerpass import mmap_threshold, release_memory
-
         release_memory()                      # the forward passes' freed blocks, before planning allocates
-        mmap_threshold(1 << 20)
-        try:
+        with heap_mode(PLANNING):
             plan = method.plan_layer(observed.input(self.keep, options))
-        finally:
-            mmap_threshold(32 << 20)          # the ceiling glibc's own adaptive threshold settles at
         stats = observed.stats
         if self.run.saved is None:            # (saved observations were copied as they were read)
             save_safetensors(stats.summary_tensors(), self.run.work / f"stats-{self.run._name(self.i)}.safetensors")

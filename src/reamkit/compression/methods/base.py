@@ -1,7 +1,9 @@
 """What a compression method is: a :class:`Method` with typed :class:`MethodOptions`, composing the steps of
 the layer pass (:class:`..steps.LayerSteps`: observe -> plan -> apply -> propagate).
 
-A method states what it needs observed (``needs``: ``logits``, ``activations``), whether the next layer is
+A method states what it needs observed (``needs``: ``logits``, ``activations``, ``outputs``: every expert's
+output sums over all tokens while observing -- a method that reads them for some experts only asks for those
+at planning time, :meth:`..observe.ExpertStats.ensure_outputs`), whether the next layer is
 observed on the outputs of the *compressed* layer (``sequential``, as REAM) or of the original one (as REAP),
 its options (a pydantic model, validated once, written into the output's ``merge_args`` as ``model_dump()``),
 and how it turns one layer's observations into a :class:`LayerPlan` (:meth:`Method.plan_layer`). Applying a
@@ -47,7 +49,7 @@ class MethodInput:
 
 class Method(ABC):
     name: ClassVar[str]
-    needs: ClassVar[tuple[str, ...]] = ()       # per-token statistics beyond the per-expert sums
+    needs: ClassVar[tuple[str, ...]] = ()       # per-token statistics beyond the routed per-expert sums
     sequential: ClassVar[bool] = False
     plans_from_saved: ClassVar[bool] = False     # its plan depends only on statistics a run saves (reuse.py)
     Options: ClassVar[type[MethodOptions]] = MethodOptions

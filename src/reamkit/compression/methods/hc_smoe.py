@@ -30,6 +30,7 @@ def clusters(features: torch.Tensor, k: int) -> list[list[int]]:
 
 class HCSMoE(Method):
     name = "hc-smoe"
+    needs = ("outputs",)             # every expert's mean output over all tokens
 
     def plan_layer(self, inp) -> LayerPlan:
         return plan(inp)

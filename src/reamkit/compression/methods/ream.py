@@ -20,7 +20,10 @@ Variants (``variant``):
 Distance: d = 1 - (s_out + s_gate) / 2 with s_out = (1 + cos(m_i, m_j)) / 2 on the mean gated outputs m_i
 (plain mean outputs with ``gated_sim=False``) and s_gate = 1 - ||u_i - u_j|| / max, u_i expert i's router
 logits over all calibration tokens, normalised (dropped with ``gate_output=False``); ||u_i - u_j|| follows
-exactly from the logits' Gram matrix, accumulated batch by batch (:mod:`..observe`).
+exactly from the logits' Gram matrix, accumulated batch by batch (:mod:`..observe`). The grouping reads the
+distances of the dropped experts and of the centroids that take them only (:func:`output_experts`), so only
+those experts' mean outputs are computed, each on every calibration token (the others' would cost as much and
+never be read).
 ``align=False`` skips the neuron alignment (an ablation: it shows what the Hungarian step is for).
 ``group_size="auto"`` chooses C per layer among 2, 4, 8, N/8 and 16 by the error each causes on held-out
 calibration batches (:mod:`..candidates`, as the ``auto`` method does with pruning among the candidates).
@@ -93,9 +96,26 @@ def saliency(inp) -> torch.Tensor:
     return inp.stats.saliency("paper")
 
 
-def distance(inp) -> torch.Tensor:
-    """Pairwise expert distance [N, N] (float64), 0 on the diagonal."""
+def output_experts(sal: torch.Tensor, keep: int, group_size: int) -> list[int]:
+    """The experts whose mean outputs :func:`pseudo_groups` reads: every non-centroid, and the centroids that take
+    members -- the first ceil(F / (C - 1)) by saliency, F the non-centroids, since each takes C - 1 until none is
+    left; every centroid when each non-centroid joins its nearest (C = 0)."""
+    centroids = top_k_indices(sal, keep).tolist()
+    others = sorted(set(range(sal.numel())) - set(centroids))
+    if not others:
+        return []
+    picking = centroids if group_size <= 0 else centroids[:-(-len(others) // max(1, group_size - 1))]
+    return sorted(others + picking)
+
+
+def distance(inp, experts: list[int] | None = None) -> torch.Tensor:
+    """Pairwise expert distance [N, N] (float64), 0 on the diagonal. With ``experts``, only the rows and columns
+    of those experts are computed (their mean outputs evaluated now if the observation left them out); the
+    others are +inf."""
     st, opts = inp.stats, inp.options
+    n = st.num_experts
+    if hasattr(st, "ensure_outputs"):
+        st.ensure_outputs(range(n) if experts is None else experts, inp.block, inp.moe_inputs)
     mean = (st.gated_out_sum if opts.gated_sim else st.out_sum) / max(1, st.tokens)
     u = torch.nn.functional.normalize(mean.double(), dim=-1)
     s = (1 + u @ u.T) / 2
@@ -103,6 +123,11 @@ def distance(inp) -> torch.Tensor:
         d = logit_profile_distance(st)
         s = (s + (1 - d / d.max().clamp(min=1e-12))) / 2
     dist = 1 - s
+    if experts is not None:
+        missing = torch.ones(n, dtype=torch.bool)
+        missing[list(experts)] = False
+        dist[missing] = torch.inf
+        dist[:, missing] = torch.inf
     dist.fill_diagonal_(0)
     return dist
 
@@ -153,8 +178,9 @@ def plan(inp) -> LayerPlan:
     cache = inp.cache if inp.cache is not None else {}     # shared by candidate plans of one layer (auto)
     key = (opts.variant, opts.saliency, opts.gated_sim, opts.gate_output)
     if ("sal", key) not in cache:
-        cache[("sal", key)], cache[("dist", key)] = saliency(inp), distance(inp)
-    sal, dist = cache[("sal", key)], cache[("dist", key)]
+        cache[("sal", key)] = saliency(inp)
+    sal = cache[("sal", key)]
+    dist = distance(inp, output_experts(sal, inp.keep, int(opts.group_size)))
     groups = pseudo_groups(sal, dist, inp.keep, int(opts.group_size))
     merging = opts.merging
     feats: list = []                          # alignment costs (per expert, computed on demand); none with
