@@ -5,8 +5,9 @@ top-10, a sigmoid-gated shared expert -- with hidden 128 and expert width 64 so 
 calibration size runs REAM (25 % fewer experts) in its own child process, with the hidden states spilled to
 disk (memory budget 0), so that the peak RSS shows what the pass itself holds.
 
-The extrapolation times the expert statistics (every expert's gate and up projections on every token, the down
-projection on the routed ones) at Qwen3-Coder-Next's own expert shape (hidden 2048, width 512) on this
+The extrapolation times the expert statistics -- every expert's gate, up and down projections on its routed
+tokens, and the gate and up projections on every token of the experts REAM's grouping reads (the dropped ones
+and the centroids that take them) -- at Qwen3-Coder-Next's own expert shape (hidden 2048, width 512) on this
 machine, per token and expert, and multiplies out; GPU figures rest on stated throughput assumptions only.
 """
 
@@ -53,8 +54,17 @@ def child(model: str, tokens: int, seq_len: int) -> None:
                       "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
-def expert_cost(experts: int, top_k: int, hidden: int, inter: int, tokens: int, reps: int = 2) -> float:
-    """Seconds per (token, expert) of :meth:`ExpertStats.observe` on a random bf16 block computed in float32."""
+def output_experts(experts: int, ratio: float = 0.25, group_size: int = 16) -> int:
+    """How many experts REAM evaluates on every token at ``ratio`` fewer experts: the F dropped ones and the
+    ceil(F / (C - 1)) centroids that take them (:func:`reamkit.compression.methods.ream.output_experts`)."""
+    f = int(experts * ratio)
+    return f + -(-f // (group_size - 1))
+
+
+def expert_cost(experts: int, top_k: int, hidden: int, inter: int, tokens: int, reps: int = 2) -> tuple[float, float]:
+    """Seconds per (token, routed expert) of :meth:`ExpertStats.observe` without the output sums (each expert's
+    gate, up and down on its routed tokens), and seconds per (token, expert) of the output sums (an expert's gate
+    and up on every token), on a random bf16 block computed in float32."""
     import torch
 
     from reamkit.compression.observe import ExpertStats, ObserveOptions
@@ -67,12 +77,17 @@ def expert_cost(experts: int, top_k: int, hidden: int, inter: int, tokens: int, 
     block = MoEBlock(torch.randn(experts, hidden, generator=g), Experts(w(experts, inter, hidden),
                      w(experts, inter, hidden), w(experts, hidden, inter)), Routing(experts, top_k, True))
     x = torch.randn(tokens, hidden, generator=g)
-    st = ExpertStats(experts, hidden, inter, reps + 1, ObserveOptions(activation_samples=0))
-    st.observe(block, x)                                   # warm-up
-    t = time.time()
-    for _ in range(reps):
-        st.observe(block, x)
-    return (time.time() - t) / reps / tokens / experts
+
+    def seconds(outputs: bool) -> float:
+        st = ExpertStats(experts, hidden, inter, reps + 1, ObserveOptions(activation_samples=0, outputs=outputs))
+        st.observe(block, x)                               # warm-up
+        t = time.time()
+        for _ in range(reps):
+            st.observe(block, x)
+        return (time.time() - t) / reps
+
+    routed = seconds(False)
+    return routed / tokens / top_k, max(seconds(True) - routed, 0.0) / tokens / experts
 
 
 def sweep(sizes: list[int], layers: int, seq_len: int) -> None:
@@ -93,30 +108,35 @@ def sweep(sizes: list[int], layers: int, seq_len: int) -> None:
               f"{rates[-1]:.0f} |", flush=True)
     spread = (max(peaks) - min(peaks)) / min(peaks)
     print(f"peak RSS spread over a {max(sizes) // min(sizes)}x range of tokens: {spread:.1%} (target < 10%)")
-    small = expert_cost(512, 10, SHAPE["hidden_size"], SHAPE["moe_intermediate_size"], 4096)
-    share = small * max(sizes) * 512 / (max(sizes) * layers / rates[-1])
-    print(f"expert statistics at this shape: {small * 1e9:.1f} ns per token-expert = {share:.0%} of the layer time "
-          f"at {max(sizes)} tokens")
+    routed, dense = expert_cost(512, 10, SHAPE["hidden_size"], SHAPE["moe_intermediate_size"], 4096)
+    n_out = output_experts(512)
+    per_token = routed * 10 + dense * n_out
+    share = per_token * max(sizes) / (max(sizes) / rates[-1])       # statistics / whole layer, per layer
+    print(f"expert statistics at this shape: {routed * 1e9:.1f} ns per routed token-expert x 10 + {dense * 1e9:.1f} "
+          f"ns per token-expert x {n_out} output experts = {share:.0%} of the layer time at {max(sizes)} tokens")
     extrapolate(share)
 
 
 def extrapolate(share: float) -> None:
     b = BIG
-    cost = expert_cost(64, 1, b["hidden"], b["inter"], 1024)        # 1/64 routed, near Qwen3-Next's 10/512
-    te = b["tokens"] * b["experts"]
-    cpu_layer = cost * te
+    routed, dense = expert_cost(64, 4, b["hidden"], b["inter"], 2048)    # ~128 routed tokens per expert, as at 4096 x 10/512
+    n_out = output_experts(b["experts"])
+    cpu_layer = b["tokens"] * (routed * b["top_k"] + dense * n_out)
     print(f"\nQwen3-Coder-Next, {b['tokens']} calibration tokens (3072 x 512), {b['layers']} layers of "
-          f"{b['experts']} experts (hidden {b['hidden']}, width {b['inter']}), this machine's 2 threads:")
-    print(f"  measured: {cost * 1e9:.0f} ns per token-expert at that shape (float32)")
-    print(f"  CPU expert statistics: {b['tokens']} x {b['experts']} x {cost * 1e9:.0f} ns = {cpu_layer / 3600:.1f} h "
-          f"per layer, x {b['layers']} = {cpu_layer * b['layers'] / 86400:.1f} days; at the {share:.0%} share they "
-          f"have on the bench checkpoint, the whole pass ~{cpu_layer * b['layers'] / max(share, 1e-9) / 86400:.1f} days")
-    flops = te * (4 + 2 * b["top_k"] / b["experts"]) * b["hidden"] * b["inter"]      # gate+up dense, down routed
+          f"{b['experts']} experts (hidden {b['hidden']}, width {b['inter']}), this machine's 2 threads, REAM to "
+          f"{b['experts'] - b['experts'] // 4} experts (group size 16: {n_out} experts evaluated on every token):")
+    print(f"  measured: {routed * 1e9:.0f} ns per routed token-expert, {dense * 1e9:.0f} ns per token-expert of the "
+          f"output sums, at that shape (float32)")
+    print(f"  CPU expert statistics: {b['tokens']} x ({b['top_k']} x {routed * 1e9:.0f} + {n_out} x {dense * 1e9:.0f}) ns "
+          f"= {cpu_layer / 3600:.1f} h per layer, x {b['layers']} = {cpu_layer * b['layers'] / 86400:.1f} days; at the "
+          f"{share:.0%} share they have on the bench checkpoint, the whole pass "
+          f"~{cpu_layer * b['layers'] / max(share, 1e-9) / 86400:.1f} days")
+    flops = b["tokens"] * (4 * n_out + 6 * b["top_k"]) * b["hidden"] * b["inter"]     # gate+up dense, all routed
     weights = 3 * b["experts"] * b["hidden"] * b["inter"] * 2                          # bf16 bytes per layer
-    traffic = b["tokens"] // b["batch"] * weights + te * b["inter"] * 4 * 4           # weights per batch + h r/w
-    print(f"  FLOPs per layer: {b['tokens']} x {b['experts']} x (4 + 2 x {b['top_k']}/{b['experts']}) x "
-          f"{b['hidden']} x {b['inter']} = {flops:.2e}; bytes moved ~{traffic:.2e} (weights once per batch of "
-          f"{b['batch']} tokens, hidden activations written and read twice in float32)")
+    traffic = 2 * b["tokens"] // b["batch"] * weights + b["tokens"] * n_out * b["inter"] * 4 * 4
+    print(f"  FLOPs per layer: {b['tokens']} x (4 x {n_out} + 6 x {b['top_k']}) x {b['hidden']} x {b['inter']} = "
+          f"{flops:.2e}; bytes moved ~{traffic:.2e} (weights twice per batch of {b['batch']} tokens, the output "
+          f"experts' hidden activations written and read twice in float32)")
     for name, fl, bw in (("float32 (no TF32)", 50e12, 3.0e12), ("bfloat16", 400e12, 3.0e12)):
         t = max(flops / fl, traffic / bw)
         print(f"  one GPU, {name}, ASSUMING {fl / 1e12:.0f} TFLOP/s sustained and {bw / 1e12:.1f} TB/s: "
