@@ -82,9 +82,9 @@ def test_ream_plans_on_zoo_models_are_pinned(family, variant, tmp_path):
     assert plans(res) == PINNED_ZOO[(family, variant)]
 
 
-def observed(block, x: torch.Tensor, batches: int, samples: int = 1024) -> ExpertStats:
+def observed(block, x: torch.Tensor, batches: int, samples: int = 1024, outputs: bool = True) -> ExpertStats:
     st = ExpertStats(block.num_experts, x.shape[1], block.experts.gate.shape[1], batches,
-                     ObserveOptions(activation_samples=samples))
+                     ObserveOptions(activation_samples=samples, outputs=outputs))
     for chunk in x.chunk(batches):
         st.observe(block, chunk)
     return st
@@ -159,10 +159,7 @@ def test_output_sums_asked_for_later_equal_those_observed_at_once():
     block = make_block(gen)
     chunks = tokens(gen, 2048).chunk(4)
     full = observed(block, torch.cat(chunks), 4)
-    lazy = ExpertStats(block.num_experts, chunks[0].shape[1], block.experts.gate.shape[1], 4,
-                       ObserveOptions(activation_samples=1024, outputs=False))
-    for c in chunks:
-        lazy.observe(block, c)
+    lazy = observed(block, torch.cat(chunks), 4, outputs=False)
     assert not lazy.has_outputs.any() and not lazy.gated_out_sum.any()
     assert not set(OUTPUT_KEYS) & set(lazy.summary_tensors()) and set(OUTPUT_KEYS) <= set(full.summary_tensors())
     for k in ("reap_sum", "paper_sum", "ean_sum", "ref_chunk_sum", "mid_sumsq", "freq", "logit_gram"):
@@ -212,10 +209,7 @@ def test_ream_plans_the_same_from_output_sums_asked_for_later():
     opts = method_options("ream", {"group_size": 2})
     plans = []
     for outputs in (True, False):
-        st = ExpertStats(block.num_experts, chunks[0].shape[1], block.experts.gate.shape[1], 4,
-                         ObserveOptions(activation_samples=512, outputs=outputs))
-        for c in chunks:
-            st.observe(block, c)
+        st = observed(block, torch.cat(chunks), 4, samples=512, outputs=outputs)
         p = plan(MethodInput(st, block, 10, opts, moe_inputs=lambda: iter(chunks)))
         plans.append([(g.centroid, g.members, [round(w, 9) for w in g.weights], g.perms) for g in p.groups])
         assert outputs or 0 < int(st.has_outputs.sum()) < block.num_experts

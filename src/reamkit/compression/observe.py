@@ -31,7 +31,8 @@ Sizes: 6N + N(3H + D) + N^2 float64 numbers and S x H inputs, whatever the numbe
 Speed: the routed statistics cost top-k expert evaluations per token (each expert's gate, up and down on its
 own tokens, gathered). For the sums over all tokens, E_i = W_down,i h_i is linear in h_i, so they are W_down,i
 applied to the sums of p_i h_i and h_i: a block of experts' gate and up projections run on every token
-(``block_bytes`` of hidden activations at a time), the down projection once per batch. REAM compressing 512 experts to 384 with groups of 16 evaluates 137 of them on every token.
+(``block_bytes`` of hidden activations at a time), the down projection once per batch. REAM compressing 512
+experts to 384 with groups of 16 evaluates 137 of them on every token.
 """
 
 from __future__ import annotations
@@ -126,8 +127,10 @@ class ExpertStats:
         start = 0
         for i, c in enumerate(counts):
             if c:
-                h = block.hidden_of(i, x[tok[start:start + c]])              # [c, D]
-                norms[start:start + c] = block.down_of(i, h).float().norm(dim=-1)
+                one = slice(i, i + 1)
+                h = block.expert_hidden(x[tok[start:start + c]], one)          # [1, c, D]
+                norms[start:start + c] = block.expert_down(h, one)[0].float().norm(dim=-1)
+                h = h[0]
                 self.mid_sumsq[i] += (h * h).sum(0).double().cpu()
                 start += c
         p, g, nd = probs[tok, e].double(), gates[tok, e].double(), norms.double()

@@ -61,15 +61,6 @@ class MoEBlock:
         up = torch.matmul(x, self.experts.up[idx].to(x.dtype).transpose(1, 2))
         return F.silu(gate) * up
 
-    def hidden_of(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """``h_i(x)`` of expert ``i`` alone on the rows ``x`` [T, H]: [T, D]."""
-        e = self.experts
-        return F.silu(x @ e.gate[i].to(x.dtype).T) * (x @ e.up[i].to(x.dtype).T)
-
-    def down_of(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
-        """``E_i = W_down,i h`` of expert ``i`` for hidden activations [T, D]: [T, H]."""
-        return hidden @ self.experts.down[i].to(hidden.dtype).T
-
     def expert_down(self, hidden: torch.Tensor, idx: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         """``E_i = W_down,i h_i`` for hidden activations [n, T, D]: [n, T, H]."""
         return torch.matmul(hidden, self.experts.down[idx].to(hidden.dtype).transpose(1, 2))
