@@ -203,15 +203,32 @@ def test_alignment_recovers_a_known_permutation():
     block, x = make_block(gen), tokens(gen)
     perm = torch.randperm(D, generator=gen)
     copy_expert(block, 5, 2, perm=perm)
-    from reamkit.compression.align import PCAFeatures, activation_features
+    from reamkit.compression.align import ActivationFeatures, PCAFeatures
 
     st = observe(block, x)
-    feats = [activation_features(st.activations()), PCAFeatures(block.experts)]
+    feats = [ActivationFeatures(st, block), PCAFeatures(block.experts)]
     found = align(2, 5, *feats)
     # expert 5's neuron a is expert 2's neuron perm[a]; alignment must map 2's neuron perm[a] back to a
     assert [found[int(p)] for p in perm] == list(range(D))
     for one in feats:                                  # each cost alone recovers it too
         assert align(2, 5, one) == found
+
+
+def test_activation_features_are_the_sampled_hidden_activations_per_neuron():
+    """``ActivationFeatures[e]`` [D, S]: row a is expert e's neuron a over the sampled inputs, unit length."""
+    from reamkit.compression.align import ActivationFeatures
+
+    gen = torch.Generator().manual_seed(11)
+    block, x = make_block(gen), tokens(gen)
+    st = observe(block, x)
+    xs = st.sampled_inputs()
+    assert xs.shape == (1024, H)
+    for e in (0, 5):
+        h = block.expert_hidden(xs, torch.tensor([e]))[0]                       # [S, D]
+        want = torch.nn.functional.normalize(h.T, dim=-1)
+        got = ActivationFeatures(st, block)[e]
+        assert got.shape == (D, 1024)
+        assert torch.allclose(got, want, atol=1e-6)
 
 
 def test_group_alignment_holds_one_member_at_a_time():

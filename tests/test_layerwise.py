@@ -117,3 +117,39 @@ def test_bf16_experts_compute_as_their_float32_widening(zoo_path, family, figure
         assert diffs[-1] < 1e-5
         hidden = ref
     figure(f"{family}: bf16 experts widened per expert vs float32 weights: max relative diff {max(diffs):.2g}")
+
+
+def test_bf16_experts_hand_their_routed_work_to_an_observer(zoo_path, family):
+    """The widening experts (``models/upcast.py``) give an observer every expert's routed inputs and hidden
+    activations as they compute them; the compressed layer's importance statistics taken that way equal those
+    computed again from the MoE inputs (``OutputStats.observe``). A float32 layer's experts (transformers' own
+    kernel) take no observer, and say so."""
+    from reamkit.compression.observe import OutputStats
+    from reamkit.models.moe import MoEBlock, capture_moe_input, moe_tail, run_to_moe
+    from reamkit.models.upcast import observing
+
+    opened = open_model(zoo_path)
+    ad = opened.adapter
+    model = LayerwiseModel(opened)
+    hidden = model.embed(reference_ids(zoo_path, 96))
+    i = next(i for i in range(opened.checkpoint.num_layers) if i in ad.moe_layers(opened.checkpoint.config))
+    bf16 = {k: v.bfloat16() for k, v in opened.checkpoint.load_layer(i).items()}
+    layer = model.layer(i, bf16)
+    seen, handle = capture_moe_input(layer, ad, stop=True)
+    run_to_moe(model.run_layer, layer, i, hidden, model.context(hidden))
+    handle.remove()
+    resid, x = seen.pop()
+    block = MoEBlock.from_tensors(ad, opened.checkpoint.config, ad.layer_tensors(layer, "fused"), dtype=None)
+    n, d, h = block.experts.gate.shape
+    in_forward, again = OutputStats(n, h, d), OutputStats(n, h, d)
+    with observing(layer.get_submodule(f"{ad.moe}.experts"), in_forward.add) as taken:
+        moe_tail(layer, ad, resid)
+    assert taken
+    x = x.reshape(-1, x.shape[-1])
+    again.observe(block, x)
+    assert torch.equal(in_forward.freq, again.freq) and int(again.freq.sum()) == len(x) * block.routing.top_k
+    for a, b in ((in_forward.in_sumsq, again.in_sumsq), (in_forward.mid_sumsq, again.mid_sumsq)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    wide = model.layer(i, {k: v.float() for k, v in bf16.items()})
+    with observing(wide.get_submodule(f"{ad.moe}.experts"), in_forward.add) as taken:
+        assert not taken

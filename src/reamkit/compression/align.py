@@ -110,41 +110,66 @@ class PCAFeatures:
 
 class ActivationFeatures:
     """Each neuron's activation vector over the sampled positions, per expert on demand: ``feats[e]`` is
-    [D, S], L2-normalised. ``stats`` is the layer's :class:`ExpertStats` (it keeps the sampled inputs)."""
+    [D, S], L2-normalised. ``stats`` is the layer's :class:`ExpertStats` (it keeps the sampled inputs).
+    As a cost (:meth:`costs_to`) a pair's distances come from the cross products the statistics took while
+    replaying the MoE inputs, when they did (:meth:`ExpertStats.neuron_distance`); else from the features."""
 
     def __init__(self, stats, block=None):
         self.stats, self.block = stats, block
 
     def __getitem__(self, e: int) -> torch.Tensor:
-        return activation_features(self.stats.activations([e], self.block))[0]
+        return unit_rows_(self.stats.neuron_activations(e, self.block))
+
+    def costs_to(self, centroid: int):
+        taken = getattr(self.stats, "neuron_distance", lambda c, j: None)
+        fallback = None
+
+        def cost(j: int) -> torch.Tensor:
+            nonlocal fallback
+            d = taken(centroid, j)
+            if d is None:
+                fallback = fallback or feature_costs(self, centroid)
+                d = fallback(j)
+            return d
+        return cost
 
 
-def activation_features(acts: torch.Tensor) -> torch.Tensor:
-    """Sampled activations [N, S, D] -> each neuron's activation vector [N, D, S], L2-normalised."""
-    return F.normalize(acts.float().transpose(1, 2), dim=-1)
+def unit_rows_(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [..., F] with every row scaled to unit L2 norm in place (an all-zero row stays zero), as
+    ``F.normalize`` computes it."""
+    return t.div_(torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min_(1e-12))
 
 
 def euclidean(a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """Pairwise L2 distances between the rows of ``a`` [M, F] and ``b`` [K, F]: sqrt(|a|^2 + |b|^2 - 2 a.b), the
-    arithmetic of ``torch.cdist``'s matrix-product path as one product (cdist itself takes 2-3 times longer on
-    features [D, S] with S = 32768 activation samples). ``a_sq``: the rows' squared norms of ``a``, when known."""
+    """Pairwise L2 distances between the rows of ``a`` [M, F] and ``b`` [K, F] in their own dtype (float32 for
+    every feature here, as the released REAM code's ``torch.cdist``): sqrt(|a|^2 + |b|^2 - 2 a.b), the arithmetic
+    of cdist's matrix-product path as one product (cdist itself takes 2-3 times longer on features [D, S] with
+    S = 32768 activation samples). ``a_sq``: the rows' squared norms of ``a``, when known."""
     d = a @ b.T
     d.mul_(-2).add_((a.pow(2).sum(-1) if a_sq is None else a_sq)[:, None]).add_(b.pow(2).sum(-1)[None])
     return d.clamp_min_(0).sqrt_()
 
 
-def align_group(centroid: int, others: list[int], *feature_sets) -> list[list[int]]:
+def feature_costs(feats, centroid: int):
+    """j -> the distances [D, D] between the centroid's neuron features and expert j's (``feats[e]``: [D, F]),
+    the centroid's computed once, now."""
+    mine = feats[centroid]
+    mine_sq = mine.pow(2).sum(-1)
+    return lambda j: euclidean(mine, feats[j], mine_sq)
+
+
+def align_group(centroid: int, others: list[int], *sources) -> list[list[int]]:
     """For each expert j of ``others``, the permutation ``perm`` with j's neuron ``perm[a]`` matched to the
-    centroid's neuron ``a``, minimising the summed distances over the given feature sets (each indexable by
-    expert: [D, F]). The centroid's features are computed once; each other expert's when its turn comes, and
-    dropped after it (an activation feature is [D, S]: 64 MB per expert at Qwen3-Next scale)."""
+    centroid's neuron ``a``, minimising the summed distances over the given sources: features indexable by
+    expert ([D, F]) or anything with ``costs_to(centroid)`` (:class:`ActivationFeatures`). The centroid's
+    features are computed once; each other expert's when its turn comes, and dropped after it (an activation
+    feature is [D, S]: 64 MB per expert at Qwen3-Next scale)."""
     from scipy.optimize import linear_sum_assignment
 
-    mine = [fs[centroid].double() for fs in feature_sets]
-    mine_sq = [c.pow(2).sum(-1) for c in mine]
+    costs = [s.costs_to(centroid) if hasattr(s, "costs_to") else feature_costs(s, centroid) for s in sources]
     perms = []
     for j in others:
-        cost = sum(euclidean(c, fs[j].double(), c_sq) for c, c_sq, fs in zip(mine, mine_sq, feature_sets))
+        cost = sum(c(j) for c in costs)
         rows, cols = linear_sum_assignment(cost.cpu().numpy())
         assert (rows == range(len(rows))).all()
         perms.append([int(c) for c in cols])

@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-from torch.nn import functional as F
-
 from ..models.moe import MoEBlock
+from .align import unit_rows_
 
 
 def per_expert_samples(moe_inputs: Iterable[torch.Tensor], block: MoEBlock, experts: list[int], per: int,
@@ -42,4 +41,4 @@ class PerExpertActivationFeatures:
         self.acts = per_expert_samples(moe_inputs(), block, experts, per, seed)
 
     def __getitem__(self, e: int) -> torch.Tensor:
-        return F.normalize(self.acts[e].T, dim=-1)
+        return unit_rows_(self.acts[e].T.contiguous())

@@ -24,9 +24,14 @@ MoE inputs: REAM reads only the dropped experts' and those of the centroids that
 * ``x_samples``         the MoE input at ``activation_samples`` positions at most [S, H], S // batches drawn
                         uniformly from each batch (one from each of the first S batches when there are more);
                         REAM's neuron alignment needs h_i there, computed on demand
-                        (:meth:`ExpertStats.activations`) for the few experts that are merged
+                        (:meth:`ExpertStats.neuron_activations`) for the few experts that are merged
+* ``neuron_gram`` {(c, j): [D, D]}, ``neuron_sumsq`` {e: [D]}  the same alignment's costs for the expert pairs
+                        it may match, taken while the output sums are replayed (those experts' h_i at the sampled
+                        positions come out of the replay): sums over the samples of h_c h_j^T and h_e^2
+                        (:meth:`ExpertStats.neuron_distance`), within ``pair_bytes``
 
-Sizes: 6N + N(3H + D) + N^2 float64 numbers and S x H inputs, whatever the number of calibration tokens.
+Sizes: 6N + N(3H + D) + N^2 float64 numbers, S x H inputs and at most ``pair_bytes`` of neuron products,
+whatever the number of calibration tokens.
 
 Speed: the routed statistics cost top-k expert evaluations per token (each expert's gate, up and down on its
 own tokens, gathered). For the sums over all tokens, E_i = W_down,i h_i is linear in h_i, so they are W_down,i
@@ -57,6 +62,7 @@ class ObserveOptions:
     outputs: bool = True                  # every expert's output sums on every token now (False: on demand,
                                           # :meth:`ExpertStats.ensure_outputs`, for the experts a plan reads)
     block_bytes: int = 32 << 20           # memory for one block of hidden activations
+    pair_bytes: int = 256 << 20           # memory for the neuron cross products a replay may take for alignment
     seed: int = 0
 
 
@@ -80,6 +86,9 @@ class ExpertStats:
         self.batches = 0
         self.sampled = 0
         self.x_samples: list[torch.Tensor] = []
+        self._sample_pos: list[torch.Tensor] = []   # per observed batch: the positions sampled in it
+        self.neuron_gram: dict[tuple[int, int], torch.Tensor] = {}   # (c, j) -> sum over samples of h_c h_j^T
+        self.neuron_sumsq: dict[int, torch.Tensor] = {}              # e -> sum over samples of h_e^2 [D]
         self._block: MoEBlock | None = None        # the block observed last (for activations on demand)
         self._gen = torch.Generator().manual_seed(self.options.seed)
 
@@ -112,10 +121,12 @@ class ExpertStats:
     def _sample(self, x: torch.Tensor) -> None:
         cap = self.options.activation_samples
         if not cap or self.sampled >= cap:
+            self._sample_pos.append(torch.empty(0, dtype=torch.long))
             return
         per = min(max(1, cap // max(1, self.expected_batches)), cap - self.sampled)
-        pos = torch.randperm(x.shape[0], generator=self._gen)[:per].to(x.device)
-        self.x_samples.append(x[pos].clone())
+        pos = torch.randperm(x.shape[0], generator=self._gen)[:per]
+        self._sample_pos.append(pos)
+        self.x_samples.append(x[pos.to(x.device)].clone())
         self.sampled += len(pos)
 
     def _routed(self, block: MoEBlock, x, probs, gates, routed) -> None:
@@ -141,14 +152,16 @@ class ExpertStats:
         cnt = torch.tensor(counts, dtype=torch.float64, device=x.device).clamp(min=1)
         self.ref_chunk_sum += (add(p * p * nd) / cnt).cpu()
 
-    def _all_outputs(self, block: MoEBlock, x, idx: torch.Tensor, probs, gated, plain) -> None:
+    def _all_outputs(self, block: MoEBlock, x, idx: torch.Tensor, probs, gated, plain, on_block=None) -> None:
         """Add the sums over all tokens of p_i E_i and of E_i for the experts ``idx`` to ``gated`` and ``plain``
-        [N, H], a few experts at a time."""
+        [N, H], a few experts at a time (``on_block(experts, h)`` sees each block's hidden activations)."""
         step = max(1, int(self.options.block_bytes // max(1, 3 * x.shape[0] * self.inter * x.element_size())))
         for s in range(0, len(idx), step):
-            self._outputs(block, x, idx[s:s + step], probs, gated, plain)
+            h = self._outputs(block, x, idx[s:s + step], probs, gated, plain)
+            if on_block is not None:
+                on_block(idx[s:s + step].tolist(), h)
 
-    def _outputs(self, block: MoEBlock, x, idx: torch.Tensor, probs, gated, plain) -> None:
+    def _outputs(self, block: MoEBlock, x, idx: torch.Tensor, probs, gated, plain) -> torch.Tensor:
         h = block.expert_hidden(x, idx)                                    # [n, T, D]
         down_t = block.experts.down[idx].to(h.dtype).transpose(1, 2)       # [n, D, H]
         weights = torch.stack([probs[:, idx].T.to(h.dtype), torch.ones_like(h[:, :, 0])], dim=1)   # [n, 2, T]
@@ -156,12 +169,19 @@ class ExpertStats:
         idx = idx.cpu()
         gated[idx] += sums[:, 0]
         plain[idx] += sums[:, 1]
+        return h
 
     @torch.no_grad()
-    def ensure_outputs(self, experts, block: MoEBlock | None = None, inputs=None) -> None:
+    def ensure_outputs(self, experts, block: MoEBlock | None = None, inputs=None, pairs=()) -> None:
         """Make ``gated_out_sum`` and ``out_sum`` exact for ``experts`` (observed with ``outputs=False``): every
         one of them evaluated on every observed token again, ``inputs()`` replaying the observed batches' MoE
-        inputs [T, H] in order. Experts done already are not done again."""
+        inputs [T, H] in order. Experts done already are not done again.
+
+        ``pairs`` [(c, j), ...]: expert pairs whose neurons an alignment may match. Their hidden activations at
+        the sampled positions come out of the replay anyway, so their cross products are taken there
+        (:meth:`neuron_distance`) instead of being computed again from the sampled inputs -- for the pairs
+        whose two experts this replay evaluates, when those products and one batch's samples of the experts
+        fit ``pair_bytes`` (else none are taken)."""
         idx = torch.as_tensor(sorted({int(i) for i in experts}), dtype=torch.long)
         idx = idx[~self.has_outputs[idx]]
         if not idx.numel():
@@ -170,19 +190,38 @@ class ExpertStats:
         if block is None or inputs is None:
             raise ValueError("the experts' output sums were not observed and the MoE inputs cannot be replayed "
                              "(observe with outputs=True)")
+        products = _NeuronProducts(self._pairs_to_take(pairs, set(idx.tolist())), self.inter)
+        idx = torch.as_tensor(products.order(idx.tolist()), dtype=torch.long)
         seen = 0
         gated, plain = torch.zeros_like(self.gated_out_sum), torch.zeros_like(self.out_sum)   # added when complete
         with heap_mode(FORWARD):                  # forward-pass work, even when a plan asks for it
-            for x in inputs():
+            for b, x in enumerate(inputs()):
                 x = x.to(block.router.dtype)
                 probs = torch.softmax(block.router_logits(x).float(), dim=-1)
-                self._all_outputs(block, x, idx.to(x.device), probs, gated, plain)
+                products.batch(self._sample_pos[b] if b < len(self._sample_pos) else None)
+                self._all_outputs(block, x, idx.to(x.device), probs, gated, plain,
+                                  products.take if products.pairs else None)
                 seen += x.shape[0]
         if seen != self.tokens:
             raise RuntimeError(f"the replayed MoE inputs hold {seen} tokens, the observed ones {self.tokens}")
         self.gated_out_sum[idx] += gated[idx]
         self.out_sum[idx] += plain[idx]
         self.has_outputs[idx] = True
+        self.neuron_gram.update(products.gram)
+        self.neuron_sumsq.update(products.sumsq)
+
+    def _pairs_to_take(self, pairs, replayed: set[int]) -> list[tuple[int, int]]:
+        """The pairs of both replayed experts not taken yet, if their products fit ``pair_bytes``."""
+        todo = list(dict.fromkeys((int(c), int(j)) for c, j in pairs
+                                  if int(c) in replayed and int(j) in replayed and (int(c), int(j)) not in
+                                  self.neuron_gram))
+        per = max((len(p) for p in self._sample_pos), default=0)
+        if not todo or not per:
+            return []
+        kept = len({c for c, _ in todo}) + max(1, int(self.options.block_bytes // (3 * per * self.inter * 4)))
+        need = (len(todo) * self.inter ** 2 * 8 + len({e for p in todo for e in p}) * self.inter * 8
+                + kept * per * self.inter * 4)
+        return todo if need <= self.options.pair_bytes else []
 
     # ------------------------------------------------------------------ results
     def saliency(self, mode: str, sequences: int | None = None, chunk: int = 8) -> torch.Tensor:
@@ -216,18 +255,32 @@ class ExpertStats:
         return self.logit_gram / torch.outer(norm, norm).clamp(min=1e-300)
 
     def sampled_inputs(self) -> torch.Tensor:
-        """The MoE inputs at the sampled positions [S, H]."""
-        return torch.cat(self.x_samples) if self.x_samples else torch.empty(0, self.hidden)
+        """The MoE inputs at the sampled positions [S, H] (the batches' samples joined once, kept joined)."""
+        if len(self.x_samples) > 1:
+            self.x_samples = [torch.cat(self.x_samples)]
+        return self.x_samples[0] if self.x_samples else torch.empty(0, self.hidden)
 
-    def activations(self, experts: list[int] | None = None, block: MoEBlock | None = None) -> torch.Tensor:
-        """Hidden activations h_i at the sampled positions [n, S, D] (float32) for ``experts`` (default: all),
+    def neuron_activations(self, e: int, block: MoEBlock | None = None) -> torch.Tensor:
+        """Expert ``e``'s hidden activations at the sampled positions, one row per neuron [D, S] (float32),
         computed from ``block`` (default: the block observed)."""
         block = block or self._block
-        idx = torch.arange(self.num_experts) if experts is None else torch.as_tensor(experts, dtype=torch.long)
         xs = self.sampled_inputs()
         if block is None or not xs.numel():
-            return torch.empty(len(idx), 0, self.inter)
-        return block.expert_hidden(xs.to(block.router.dtype), idx.to(xs.device)).float().cpu()
+            return torch.empty(self.inter, 0)
+        return block.neuron_activations(xs.to(block.router.dtype), e).float().cpu()
+
+    def neuron_distance(self, c: int, j: int) -> torch.Tensor | None:
+        """||u_a - v_b|| [D, D] (float32) between expert ``c``'s neurons a and expert ``j``'s neurons b, u and v
+        their activation vectors over the sampled positions scaled to unit length (rows of
+        :meth:`neuron_activations`, normalised): from the cross products a replay took (:meth:`ensure_outputs`
+        with ``pairs``), ||u - v||^2 = |u|^2 + |v|^2 - 2 h_c.h_j / (|h_c| |h_j|). None when not taken."""
+        gram = self.neuron_gram.get((c, j))
+        if gram is None:
+            return None
+        nc, nj = self.neuron_sumsq[c].sqrt(), self.neuron_sumsq[j].sqrt()
+        dc, dj = nc.clamp_min(1e-12), nj.clamp_min(1e-12)     # a zero neuron's unit vector is zero, as normalised
+        sq = ((nc / dc) ** 2)[:, None] + ((nj / dj) ** 2)[None] - 2 * gram / torch.outer(dc, dj)
+        return sq.clamp_min_(0).sqrt_().float()
 
     def summary_tensors(self) -> dict[str, torch.Tensor]:
         """The per-expert statistics worth keeping on disk (not the logits' Gram matrix or the samples), each once;
@@ -238,6 +291,45 @@ class ExpertStats:
         keys = STAT_KEYS if bool(self.has_outputs.all()) else [k for k in STAT_KEYS if k not in OUTPUT_KEYS]
         return {renamed.get(k, k): getattr(self, k) if getattr(self, k).ndim == 1 else getattr(self, k).float()
                 for k in keys}
+
+
+class _NeuronProducts:
+    """Sums over the sampled positions of h_c h_j^T for expert pairs (c, j) and of h_e^2, taken from the hidden
+    activations [n, T, D] a replay computes for a block of experts at a time. The pairs' first experts are
+    evaluated first (:meth:`order`) and only their samples are kept through a batch."""
+
+    def __init__(self, pairs: list[tuple[int, int]], inter: int):
+        self.pairs = pairs
+        self.firsts = set(c for c, _ in pairs)
+        self.gram = {p: torch.zeros(inter, inter, dtype=torch.float64) for p in pairs}
+        self.sumsq = {e: torch.zeros(inter, dtype=torch.float64) for p in pairs for e in p}
+        self.of: dict[int, list[tuple[int, int]]] = {}
+        for c, j in pairs:
+            self.of.setdefault(c, []).append((c, j))
+            if j != c:
+                self.of.setdefault(j, []).append((c, j))
+        self.at: torch.Tensor | None = None
+        self.kept: dict[int, torch.Tensor] = {}
+
+    def order(self, experts: list[int]) -> list[int]:
+        return [e for e in experts if e in self.firsts] + [e for e in experts if e not in self.firsts]
+
+    def batch(self, at: torch.Tensor | None) -> None:
+        """A new batch begins; ``at``: its sampled positions."""
+        self.at, self.kept = at, {}
+
+    def take(self, experts: list[int], h: torch.Tensor) -> None:
+        if self.at is None or not len(self.at):
+            return
+        for e, he in zip(experts, h[:, self.at.to(h.device)]):
+            if e not in self.sumsq:
+                continue
+            self.sumsq[e] += (he * he).sum(0).double().cpu()
+            if e in self.firsts:
+                self.kept[e] = he = he.clone()       # not a view holding the whole block's samples
+            for c, j in self.of[e]:
+                if c in self.kept and (j == e or j in self.kept):
+                    self.gram[(c, j)] += (self.kept[c].T @ (he if j == e else self.kept[j])).double().cpu()
 
 
 def fill_zero_saliency(s: torch.Tensor) -> torch.Tensor:
@@ -252,25 +344,32 @@ class OutputStats:
     squared inputs, per input channel, of ``gate``/``up`` (x) and of ``down`` (h), over the tokens routed to it.
     These are llama-imatrix's ``counts`` and ``in_sum2`` for the compressed model's ``ffn_*_exps`` tensors, so
     ``reamkit quantize <compressed model> --imatrix auto`` uses them (saved as
-    ``compression/output_observations.safetensors``). Only routed tokens are evaluated (top-k of N experts)."""
+    ``compression/output_observations.safetensors``). Only routed tokens are evaluated (top-k of N experts):
+    either here (:meth:`observe`) or, given to :meth:`add` expert by expert, by the layer's own forward."""
 
     def __init__(self, num_experts: int, hidden: int, inter: int):
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
         self.freq, self.in_sumsq, self.mid_sumsq = z(num_experts), z(num_experts, hidden), z(num_experts, inter)
 
     @torch.no_grad()
+    def add(self, e: int, x: torch.Tensor, h: torch.Tensor) -> None:
+        """Expert ``e``'s routed inputs ``x`` [c, H] and its hidden activations on them ``h`` [c, D]."""
+        self.freq[e] += x.shape[0]
+        self.in_sumsq[e] += (x * x).sum(0).double().cpu()
+        self.mid_sumsq[e] += (h * h).sum(0).double().cpu()
+
+    @torch.no_grad()
     def observe(self, block: MoEBlock, x: torch.Tensor) -> None:
+        """The MoE input ``x`` [T, H] of one batch: route it with ``block``'s router, evaluate each expert on its
+        tokens."""
         x = x.to(block.router.dtype)
         probs = torch.softmax(block.router_logits(x).float(), dim=-1)
         _, top = torch.topk(probs, block.routing.top_k, dim=-1)
-        routed = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top, True)   # [T, N]
-        self.freq += routed.sum(0).double()
-        self.in_sumsq += (routed.to(x.dtype).T @ (x * x)).double()
-        for i in range(routed.shape[1]):
-            rows = routed[:, i].nonzero().squeeze(1)
+        for i in range(probs.shape[1]):
+            rows = (top == i).any(-1).nonzero().squeeze(1)
             if rows.numel():
-                h = block.expert_hidden(x[rows], slice(i, i + 1))[0]                  # [T_i, D]
-                self.mid_sumsq[i] += (h * h).sum(0).double()
+                xi = x[rows]
+                self.add(i, xi, block.expert_hidden(xi, slice(i, i + 1))[0])
 
     def summary_tensors(self) -> dict[str, torch.Tensor]:
         return {"expert_tokens": self.freq, "expert_in_sumsq": self.in_sumsq.float(),

@@ -20,12 +20,14 @@ and the freed heap is handed back before and after.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from ..checkpoint.writer import save_safetensors
 from ..models.moe import MOE_NORM, MoEBlock, capture_moe_input, moe_tail, run_to_moe
+from ..models.upcast import observing
 from .cache import ActivationCache
 from .candidates import heldout_batches, heldout_rows
 from .heap import PLANNING, heap_mode, release_memory
@@ -172,19 +174,24 @@ class LayerSteps:
         block = MoEBlock.from_tensors(adapter, run.config, adapter.layer_tensors(layer, "fused"), dtype=None)
         out_stats = OutputStats(block.num_experts, block.experts.gate.shape[2], block.experts.gate.shape[1])
         seen, handle = capture_moe_input(layer, adapter, stop=resid is None)
-        try:
-            for j in range(len(resid) if resid is not None else len(hidden)):
-                if resid is not None:
-                    self.nxt.append(moe_tail(layer, adapter, resid[j]))
-                    x = seen.pop()
-                else:
-                    run_to_moe(run.lw.run_layer, layer, self.bi, hidden[j], self.ctx(hidden[j]))
-                    _, x = seen.pop()
-                out_stats.observe(block, x.reshape(-1, x.shape[-1]))
-                del x
-        finally:
-            handle.remove()
-        del layer, block, seen
+        # the layer's own forward evaluates every expert on its routed tokens: the statistics are taken from it
+        # where its experts module lets an observer in, else computed again from the MoE inputs
+        experts = layer.get_submodule(f"{adapter.moe}.experts")
+        with observing(experts, out_stats.add) if resid is not None else nullcontext(False) as in_forward:
+            try:
+                for j in range(len(resid) if resid is not None else len(hidden)):
+                    if resid is not None:
+                        self.nxt.append(moe_tail(layer, adapter, resid[j]))
+                        x = seen.pop()
+                    else:
+                        run_to_moe(run.lw.run_layer, layer, self.bi, hidden[j], self.ctx(hidden[j]))
+                        _, x = seen.pop()
+                    if not in_forward:
+                        out_stats.observe(block, x.reshape(-1, x.shape[-1]))
+                    del x
+            finally:
+                handle.remove()
+        del layer, block, seen, experts
         if resid is not None:
             resid.close()
             self.resid = None

@@ -59,7 +59,14 @@ class MoEBlock:
         (a bf16 checkpoint observed in float32) are widened a block of experts at a time."""
         gate = torch.matmul(x, self.experts.gate[idx].to(x.dtype).transpose(1, 2))
         up = torch.matmul(x, self.experts.up[idx].to(x.dtype).transpose(1, 2))
-        return F.silu(gate) * up
+        return F.silu(gate, inplace=True).mul_(up)
+
+    def neuron_activations(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert ``e``'s hidden activations laid out per neuron, ``h_e(x)^T`` [D, T]: each row one neuron's
+        values on the tokens (computed in that layout, without transposing [T, D])."""
+        xt = x.T
+        gate = self.experts.gate[e].to(x.dtype) @ xt
+        return F.silu(gate, inplace=True).mul_(self.experts.up[e].to(x.dtype) @ xt)
 
     def expert_down(self, hidden: torch.Tensor, idx: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         """``E_i = W_down,i h_i`` for hidden activations [n, T, D]: [n, T, H]."""

@@ -96,26 +96,33 @@ def saliency(inp) -> torch.Tensor:
     return inp.stats.saliency("paper")
 
 
-def output_experts(sal: torch.Tensor, keep: int, group_size: int) -> list[int]:
-    """The experts whose mean outputs :func:`pseudo_groups` reads: every non-centroid, and the centroids that take
-    members -- the first ceil(F / (C - 1)) by saliency, F the non-centroids, since each takes C - 1 until none is
-    left; every centroid when each non-centroid joins its nearest (C = 0)."""
+def takers(sal: torch.Tensor, keep: int, group_size: int) -> tuple[list[int], list[int]]:
+    """(the centroids that may take members, the non-centroids) of :func:`pseudo_groups`: the first
+    ceil(F / (C - 1)) centroids by saliency, F the non-centroids, since each takes C - 1 until none is left;
+    every centroid when each non-centroid joins its nearest (C = 0)."""
     centroids = top_k_indices(sal, keep).tolist()
     others = sorted(set(range(sal.numel())) - set(centroids))
     if not others:
-        return []
-    picking = centroids if group_size <= 0 else centroids[:-(-len(others) // max(1, group_size - 1))]
+        return [], []
+    return (centroids if group_size <= 0 else centroids[:-(-len(others) // max(1, group_size - 1))]), others
+
+
+def output_experts(sal: torch.Tensor, keep: int, group_size: int) -> list[int]:
+    """The experts whose mean outputs :func:`pseudo_groups` reads: every non-centroid, and the centroids that take
+    members (:func:`takers`)."""
+    picking, others = takers(sal, keep, group_size)
     return sorted(others + picking)
 
 
-def distance(inp, experts: list[int] | None = None) -> torch.Tensor:
+def distance(inp, experts: list[int] | None = None, pairs=()) -> torch.Tensor:
     """Pairwise expert distance [N, N] (float64), 0 on the diagonal. With ``experts``, only the rows and columns
-    of those experts are computed (their mean outputs evaluated now if the observation left them out); the
-    others are +inf."""
+    of those experts are computed (their mean outputs evaluated now if the observation left them out, taking
+    the neuron products of ``pairs`` on the way: :meth:`..observe.ExpertStats.ensure_outputs`); the others are
+    +inf."""
     st, opts = inp.stats, inp.options
     n = st.num_experts
     if hasattr(st, "ensure_outputs"):
-        st.ensure_outputs(range(n) if experts is None else experts, inp.block, inp.moe_inputs)
+        st.ensure_outputs(range(n) if experts is None else experts, inp.block, inp.moe_inputs, pairs)
     mean = (st.gated_out_sum if opts.gated_sim else st.out_sum) / max(1, st.tokens)
     u = torch.nn.functional.normalize(mean.double(), dim=-1)
     s = (1 + u @ u.T) / 2
@@ -180,14 +187,18 @@ def plan(inp) -> LayerPlan:
     if ("sal", key) not in cache:
         cache[("sal", key)] = saliency(inp)
     sal = cache[("sal", key)]
-    dist = distance(inp, output_experts(sal, inp.keep, int(opts.group_size)))
-    groups = pseudo_groups(sal, dist, inp.keep, int(opts.group_size))
     merging = opts.merging
+    reference = opts.variant == "reference"
+    per_expert = reference and inp.moe_inputs is not None      # the released code's own activation positions
+    picking, others = takers(sal, inp.keep, int(opts.group_size))
+    shared_positions = opts.align and merging in ("logits+weights", "logits") and not per_expert
+    dist = distance(inp, sorted(others + picking), [(c, j) for c in picking for j in others] if shared_positions
+                    else ())
+    groups = pseudo_groups(sal, dist, inp.keep, int(opts.group_size))
     feats: list = []                          # alignment costs (per expert, computed on demand); none with
     merges = any(len(m) > 1 for m in groups.values()) and merging != "none"     # align=False (unaligned average)
-    reference = opts.variant == "reference"
     if opts.align and merges and merging in ("logits+weights", "logits"):
-        if reference and inp.moe_inputs is not None:
+        if per_expert:
             merged = sorted(m for ms in groups.values() if len(ms) > 1 for m in ms)
             key = ("act-per-expert", tuple(merged))
             if key not in cache:
