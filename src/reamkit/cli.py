@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import os
 from enum import Enum
 from pathlib import Path
@@ -15,6 +17,9 @@ from . import defaults as d
 from .errors import Interrupted, ReamkitError, Terminated, machine_error
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# The interpreter's last collections at exit walk every object torch and transformers made (over a second after a
+# compression); the memory goes back to the system anyway, so the objects are taken out of their sight first.
+atexit.register(gc.freeze)
 
 app = typer.Typer(
     name="reamkit",
