@@ -11,7 +11,7 @@ from reamkit.compression.methods import MethodInput, get_method, method_options
 from reamkit.compression.observe import STAT_KEYS, ExpertStats, ObserveOptions
 from reamkit.zoo import DEMO_MODEL
 
-from .test_compress_methods import D, H, make_block, tokens
+from .test_compress_methods import D, H, N, make_block, tokens
 
 # Groups (members, centroid first) and kept experts of every layer of the demo model at 25 % fewer experts,
 # calibrated on 16 x 128 tokens, recorded with the earlier implementation that kept every token's router logits.
@@ -97,8 +97,8 @@ def statistic_sizes(st: ExpertStats) -> dict[str, int]:
         tensors["logit_gram"] = st.logit_gram
     sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
     sizes["x_samples"] = sum(v.numel() * v.element_size() for v in st.x_samples)
-    sizes["neuron_products"] = sum(v.numel() * v.element_size()
-                                   for v in [*st.neuron_gram.values(), *st.neuron_sumsq.values()])
+    sizes["neuron_products"] = sum(t.numel() * t.element_size() for p in st.neuron_products
+                                   for t in (p.gram, p.sumsq))
     return sizes
 
 
@@ -112,7 +112,7 @@ def test_no_statistic_grows_with_the_calibration_tokens(batches):
     stats = []
     for xs, b in ((x[:4096], batches), (x, 2 * batches)):
         st = observed(block, xs, b, samples=128, outputs=False)
-        st.ensure_outputs(range(block.num_experts), block, lambda xs=xs, b=b: iter(xs.chunk(b)), [(0, 1), (0, 2)])
+        st.ensure_outputs(range(block.num_experts), block, lambda xs=xs, b=b: iter(xs.chunk(b)), ([0], [1, 2]))
         stats.append(st)
     half, full = stats
     assert full.tokens == 2 * half.tokens
@@ -221,7 +221,7 @@ def test_ream_plans_the_same_from_output_sums_asked_for_later():
         p = plan(MethodInput(st, block, 10, opts, moe_inputs=lambda: iter(chunks)))
         plans.append([(g.centroid, g.members, [round(w, 9) for w in g.weights], g.perms) for g in p.groups])
         assert outputs or 0 < int(st.has_outputs.sum()) < block.num_experts
-        assert bool(st.neuron_gram) != outputs     # the replay took the alignment's neuron products
+        assert bool(st.neuron_products) != outputs     # the replay took the alignment's neuron products
     assert plans[0] == plans[1]
 
 
@@ -236,22 +236,23 @@ def test_neuron_distances_taken_in_the_replay_equal_those_of_the_activation_feat
     block.experts.up[1][3] = 0                      # neuron 3 of expert 1 never fires: its unit vector is zero
     chunks = tokens(gen, 2048).chunk(4)
     st = observed(block, torch.cat(chunks), 4, samples=512, outputs=False)
-    st.ensure_outputs([1, 2, 5], block, lambda: iter(chunks), [(1, 2), (1, 5), (2, 5), (1, 7)])
-    assert set(st.neuron_gram) == {(1, 2), (1, 5), (2, 5)}
+    st.ensure_outputs([1, 2, 5, 6], block, lambda: iter(chunks), ([6, 1, 7], [2, 5, 9]))
+    taken = [(c, j) for c in range(N) for j in range(N) if st.neuron_distance(c, j) is not None]
+    assert taken == [(1, 2), (1, 5), (6, 2), (6, 5)]           # centroid x member, both replayed
     feats = ActivationFeatures(st, block)
-    for c, j in st.neuron_gram:
+    for c, j in taken:
         want = feature_costs(feats, c)(j)
         assert torch.allclose(st.neuron_distance(c, j), want, atol=2e-5), (c, j)
         assert torch.allclose(feats.costs_to(c)(j), want, atol=2e-5)
     assert torch.allclose(st.neuron_distance(1, 2)[3], torch.ones(D))
-    assert st.neuron_distance(1, 7) is None
-    assert torch.equal(feats.costs_to(1)(7), feature_costs(feats, 1)(7))
+    assert st.neuron_distance(1, 9) is None and st.neuron_distance(2, 1) is None
+    assert torch.equal(feats.costs_to(1)(9), feature_costs(feats, 1)(9))
     small = ExpertStats(block.num_experts, H, D, 4, ObserveOptions(activation_samples=512, outputs=False,
                                                                    pair_bytes=1 << 10))
     for chunk in chunks:
         small.observe(block, chunk)
-    small.ensure_outputs([1, 2], block, lambda: iter(chunks), [(1, 2)])
-    assert small.has_outputs[[1, 2]].all() and not small.neuron_gram
+    small.ensure_outputs([1, 2], block, lambda: iter(chunks), ([1], [2]))
+    assert small.has_outputs[[1, 2]].all() and not small.neuron_products
 
 
 def test_the_compressed_layers_pass_skips_attention_but_computes_the_same(zoo_path):

@@ -25,9 +25,9 @@ MoE inputs: REAM reads only the dropped experts' and those of the centroids that
                         uniformly from each batch (one from each of the first S batches when there are more);
                         REAM's neuron alignment needs h_i there, computed on demand
                         (:meth:`ExpertStats.neuron_activations`) for the few experts that are merged
-* ``neuron_gram`` {(c, j): [D, D]}, ``neuron_sumsq`` {e: [D]}  the same alignment's costs for the expert pairs
-                        it may match, taken while the output sums are replayed (those experts' h_i at the sampled
-                        positions come out of the replay): sums over the samples of h_c h_j^T and h_e^2
+* ``neuron_products``   the same alignment's costs for the expert pairs it may match (centroids c x members j),
+                        taken while the output sums are replayed (those experts' h_i at the sampled positions come
+                        out of the replay): sums over the samples of h_c h_j^T [C, M, D, D] and of h_e^2
                         (:meth:`ExpertStats.neuron_distance`), within ``pair_bytes``
 
 Sizes: 6N + N(3H + D) + N^2 float64 numbers, S x H inputs and at most ``pair_bytes`` of neuron products,
@@ -87,8 +87,7 @@ class ExpertStats:
         self.sampled = 0
         self.x_samples: list[torch.Tensor] = []
         self._sample_pos: list[torch.Tensor] = []   # per observed batch: the positions sampled in it
-        self.neuron_gram: dict[tuple[int, int], torch.Tensor] = {}   # (c, j) -> sum over samples of h_c h_j^T
-        self.neuron_sumsq: dict[int, torch.Tensor] = {}              # e -> sum over samples of h_e^2 [D]
+        self.neuron_products: list[NeuronProducts] = []   # taken in output-sum replays, for alignment
         self._block: MoEBlock | None = None        # the block observed last (for activations on demand)
         self._gen = torch.Generator().manual_seed(self.options.seed)
 
@@ -172,16 +171,16 @@ class ExpertStats:
         return h
 
     @torch.no_grad()
-    def ensure_outputs(self, experts, block: MoEBlock | None = None, inputs=None, pairs=()) -> None:
+    def ensure_outputs(self, experts, block: MoEBlock | None = None, inputs=None, pairs=None) -> None:
         """Make ``gated_out_sum`` and ``out_sum`` exact for ``experts`` (observed with ``outputs=False``): every
         one of them evaluated on every observed token again, ``inputs()`` replaying the observed batches' MoE
         inputs [T, H] in order. Experts done already are not done again.
 
-        ``pairs`` [(c, j), ...]: expert pairs whose neurons an alignment may match. Their hidden activations at
-        the sampled positions come out of the replay anyway, so their cross products are taken there
-        (:meth:`neuron_distance`) instead of being computed again from the sampled inputs -- for the pairs
-        whose two experts this replay evaluates, when those products and one batch's samples of the experts
-        fit ``pair_bytes`` (else none are taken)."""
+        ``pairs`` (centroids, members): experts whose neurons an alignment may match, every centroid with every
+        member. Their hidden activations at the sampled positions come out of the replay anyway, so their
+        products are taken there (:meth:`neuron_distance`) instead of being computed again from the sampled
+        inputs -- for those of them the replay evaluates, when the products and the centroids' samples of one
+        batch fit ``pair_bytes`` (else none are)."""
         idx = torch.as_tensor(sorted({int(i) for i in experts}), dtype=torch.long)
         idx = idx[~self.has_outputs[idx]]
         if not idx.numel():
@@ -190,38 +189,43 @@ class ExpertStats:
         if block is None or inputs is None:
             raise ValueError("the experts' output sums were not observed and the MoE inputs cannot be replayed "
                              "(observe with outputs=True)")
-        products = _NeuronProducts(self._pairs_to_take(pairs, set(idx.tolist())), self.inter)
-        idx = torch.as_tensor(products.order(idx.tolist()), dtype=torch.long)
+        products = self._products_to_take(pairs, set(idx.tolist()))
+        if products is not None:          # the centroids first: their samples are kept through a batch
+            first = set(products.centroids)
+            idx = torch.as_tensor(products.centroids + [e for e in idx.tolist() if e not in first], dtype=torch.long)
         seen = 0
         gated, plain = torch.zeros_like(self.gated_out_sum), torch.zeros_like(self.out_sum)   # added when complete
         with heap_mode(FORWARD):                  # forward-pass work, even when a plan asks for it
             for b, x in enumerate(inputs()):
                 x = x.to(block.router.dtype)
                 probs = torch.softmax(block.router_logits(x).float(), dim=-1)
-                products.batch(self._sample_pos[b] if b < len(self._sample_pos) else None)
+                if products is not None:
+                    products.batch(self._sample_pos[b] if b < len(self._sample_pos) else None)
                 self._all_outputs(block, x, idx.to(x.device), probs, gated, plain,
-                                  products.take if products.pairs else None)
+                                  products.take if products is not None else None)
                 seen += x.shape[0]
         if seen != self.tokens:
             raise RuntimeError(f"the replayed MoE inputs hold {seen} tokens, the observed ones {self.tokens}")
         self.gated_out_sum[idx] += gated[idx]
         self.out_sum[idx] += plain[idx]
         self.has_outputs[idx] = True
-        self.neuron_gram.update(products.gram)
-        self.neuron_sumsq.update(products.sumsq)
+        if products is not None:
+            products.batch(None)
+            self.neuron_products.append(products)
 
-    def _pairs_to_take(self, pairs, replayed: set[int]) -> list[tuple[int, int]]:
-        """The pairs of both replayed experts not taken yet, if their products fit ``pair_bytes``."""
-        todo = list(dict.fromkeys((int(c), int(j)) for c, j in pairs
-                                  if int(c) in replayed and int(j) in replayed and (int(c), int(j)) not in
-                                  self.neuron_gram))
+    def _products_to_take(self, pairs, replayed: set[int]) -> "NeuronProducts | None":
+        """The neuron products to take in a replay of ``replayed`` for ``pairs`` (centroids, members), or None:
+        no pair of replayed experts, no samples, or more than ``pair_bytes``."""
+        if not pairs:
+            return None
+        cs, ms = ([int(e) for e in dict.fromkeys(side) if int(e) in replayed] for side in pairs)
         per = max((len(p) for p in self._sample_pos), default=0)
-        if not todo or not per:
-            return []
-        kept = len({c for c, _ in todo}) + max(1, int(self.options.block_bytes // (3 * per * self.inter * 4)))
-        need = (len(todo) * self.inter ** 2 * 8 + len({e for p in todo for e in p}) * self.inter * 8
-                + kept * per * self.inter * 4)
-        return todo if need <= self.options.pair_bytes else []
+        if not cs or not ms or not per or set(cs) & set(ms):
+            return None
+        step = max(1, int(self.options.block_bytes // (3 * per * self.inter * 4)))
+        need = (len(cs) * len(ms) * self.inter ** 2 * 8 + (len(cs) + len(ms)) * self.inter * 8
+                + (len(cs) + step) * per * self.inter * 4)
+        return NeuronProducts(cs, ms, self.inter) if need <= self.options.pair_bytes else None
 
     # ------------------------------------------------------------------ results
     def saliency(self, mode: str, sequences: int | None = None, chunk: int = 8) -> torch.Tensor:
@@ -272,15 +276,13 @@ class ExpertStats:
     def neuron_distance(self, c: int, j: int) -> torch.Tensor | None:
         """||u_a - v_b|| [D, D] (float32) between expert ``c``'s neurons a and expert ``j``'s neurons b, u and v
         their activation vectors over the sampled positions scaled to unit length (rows of
-        :meth:`neuron_activations`, normalised): from the cross products a replay took (:meth:`ensure_outputs`
-        with ``pairs``), ||u - v||^2 = |u|^2 + |v|^2 - 2 h_c.h_j / (|h_c| |h_j|). None when not taken."""
-        gram = self.neuron_gram.get((c, j))
-        if gram is None:
-            return None
-        nc, nj = self.neuron_sumsq[c].sqrt(), self.neuron_sumsq[j].sqrt()
-        dc, dj = nc.clamp_min(1e-12), nj.clamp_min(1e-12)     # a zero neuron's unit vector is zero, as normalised
-        sq = ((nc / dc) ** 2)[:, None] + ((nj / dj) ** 2)[None] - 2 * gram / torch.outer(dc, dj)
-        return sq.clamp_min_(0).sqrt_().float()
+        :meth:`neuron_activations`, normalised): from the products a replay took (:meth:`ensure_outputs` with
+        ``pairs``), ||u - v||^2 = |u|^2 + |v|^2 - 2 h_c.h_j / (|h_c| |h_j|). None when not taken."""
+        for taken in self.neuron_products:
+            d = taken.distance(c, j)
+            if d is not None:
+                return d
+        return None
 
     def summary_tensors(self) -> dict[str, torch.Tensor]:
         """The per-expert statistics worth keeping on disk (not the logits' Gram matrix or the samples), each once;
@@ -293,43 +295,50 @@ class ExpertStats:
                 for k in keys}
 
 
-class _NeuronProducts:
-    """Sums over the sampled positions of h_c h_j^T for expert pairs (c, j) and of h_e^2, taken from the hidden
-    activations [n, T, D] a replay computes for a block of experts at a time. The pairs' first experts are
-    evaluated first (:meth:`order`) and only their samples are kept through a batch."""
+class NeuronProducts:
+    """Sums over the sampled positions of h_c h_j^T for every centroid c and member j ([C, M, D, D], float64) and
+    of h_e^2 ([C + M, D]), taken from the hidden activations [n, T, D] an output-sum replay computes for a
+    block of experts at a time. The centroids are evaluated first in each batch and their samples kept until
+    the batch's members have come (:meth:`take`)."""
 
-    def __init__(self, pairs: list[tuple[int, int]], inter: int):
-        self.pairs = pairs
-        self.firsts = set(c for c, _ in pairs)
-        self.gram = {p: torch.zeros(inter, inter, dtype=torch.float64) for p in pairs}
-        self.sumsq = {e: torch.zeros(inter, dtype=torch.float64) for p in pairs for e in p}
-        self.of: dict[int, list[tuple[int, int]]] = {}
-        for c, j in pairs:
-            self.of.setdefault(c, []).append((c, j))
-            if j != c:
-                self.of.setdefault(j, []).append((c, j))
+    def __init__(self, centroids: list[int], members: list[int], inter: int):
+        self.centroids, self.members = centroids, members
+        self.row = {e: i for i, e in enumerate(centroids + members)}
+        self.gram = torch.zeros(len(centroids), len(members), inter, inter, dtype=torch.float64)
+        self.sumsq = torch.zeros(len(self.row), inter, dtype=torch.float64)
         self.at: torch.Tensor | None = None
-        self.kept: dict[int, torch.Tensor] = {}
-
-    def order(self, experts: list[int]) -> list[int]:
-        return [e for e in experts if e in self.firsts] + [e for e in experts if e not in self.firsts]
+        self.kept: torch.Tensor | None = None              # [C, S_b, D]: the centroids' samples of this batch
 
     def batch(self, at: torch.Tensor | None) -> None:
-        """A new batch begins; ``at``: its sampled positions."""
-        self.at, self.kept = at, {}
+        """A new batch begins; ``at``: its sampled positions (None: the replay is over)."""
+        self.at, self.kept = at, None
 
     def take(self, experts: list[int], h: torch.Tensor) -> None:
         if self.at is None or not len(self.at):
             return
         for e, he in zip(experts, h[:, self.at.to(h.device)]):
-            if e not in self.sumsq:
+            r = self.row.get(e)
+            if r is None:
                 continue
-            self.sumsq[e] += (he * he).sum(0).double().cpu()
-            if e in self.firsts:
-                self.kept[e] = he = he.clone()       # not a view holding the whole block's samples
-            for c, j in self.of[e]:
-                if c in self.kept and (j == e or j in self.kept):
-                    self.gram[(c, j)] += (self.kept[c].T @ (he if j == e else self.kept[j])).double().cpu()
+            self.sumsq[r] += (he * he).sum(0).double().cpu()
+            if r < len(self.centroids):
+                if self.kept is None:
+                    self.kept = he.new_empty(len(self.centroids), *he.shape)
+                self.kept[r] = he
+            else:                                          # every centroid came before (ensure_outputs' order)
+                self.gram[:, r - len(self.centroids)] += (self.kept.transpose(1, 2) @ he).double().cpu()
+
+    def distance(self, c: int, j: int) -> torch.Tensor | None:
+        """||u_a - v_b|| [D, D] for centroid ``c`` and member ``j`` (see :meth:`ExpertStats.neuron_distance`),
+        or None when they are not a pair here."""
+        rc, rj = self.row.get(c), self.row.get(j)
+        if rc is None or rj is None or rc >= len(self.centroids) or rj < len(self.centroids):
+            return None
+        nc, nj = self.sumsq[rc].sqrt(), self.sumsq[rj].sqrt()
+        dc, dj = nc.clamp_min(1e-12), nj.clamp_min(1e-12)     # a zero neuron's unit vector is zero, as normalised
+        sq = ((nc / dc) ** 2)[:, None] + ((nj / dj) ** 2)[None] - 2 * self.gram[rc, rj - len(self.centroids)] \
+            / torch.outer(dc, dj)
+        return sq.clamp_min_(0).sqrt_().float()
 
 
 def fill_zero_saliency(s: torch.Tensor) -> torch.Tensor:

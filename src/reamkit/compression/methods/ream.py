@@ -114,7 +114,7 @@ def output_experts(sal: torch.Tensor, keep: int, group_size: int) -> list[int]:
     return sorted(others + picking)
 
 
-def distance(inp, experts: list[int] | None = None, pairs=()) -> torch.Tensor:
+def distance(inp, experts: list[int] | None = None, pairs=None) -> torch.Tensor:
     """Pairwise expert distance [N, N] (float64), 0 on the diagonal. With ``experts``, only the rows and columns
     of those experts are computed (their mean outputs evaluated now if the observation left them out, taking
     the neuron products of ``pairs`` on the way: :meth:`..observe.ExpertStats.ensure_outputs`); the others are
@@ -192,8 +192,7 @@ def plan(inp) -> LayerPlan:
     per_expert = reference and inp.moe_inputs is not None      # the released code's own activation positions
     picking, others = takers(sal, inp.keep, int(opts.group_size))
     shared_positions = opts.align and merging in ("logits+weights", "logits") and not per_expert
-    dist = distance(inp, sorted(others + picking), [(c, j) for c in picking for j in others] if shared_positions
-                    else ())
+    dist = distance(inp, sorted(others + picking), (picking, others) if shared_positions else None)
     groups = pseudo_groups(sal, dist, inp.keep, int(opts.group_size))
     feats: list = []                          # alignment costs (per expert, computed on demand); none with
     merges = any(len(m) > 1 for m in groups.values()) and merging != "none"     # align=False (unaligned average)
