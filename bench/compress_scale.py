@@ -118,6 +118,8 @@ def sweep(sizes: list[int], layers: int, seq_len: int) -> None:
 
 
 def extrapolate(share: float) -> None:
+    from reamkit.compression.observe import ObserveOptions
+
     b = BIG
     routed, dense = expert_cost(64, 4, b["hidden"], b["inter"], 2048)    # ~128 routed tokens per expert, as at 4096 x 10/512
     n_out = output_experts(b["experts"])
@@ -145,7 +147,8 @@ def extrapolate(share: float) -> None:
     stats = 8 * (b["experts"] * (6 + 3 * b["hidden"] + b["inter"]) + b["experts"] ** 2) + 32768 * b["hidden"] * 4
     print(f"  memory: one layer ~{weights / 1e9:.1f} GB (bf16) x the layer multiple of the memory bench, + the "
           f"statistics {stats / 1e6:.0f} MB (8 x (N(6 + 3H + D) + N^2) + 32768 x H x 4), + one batch, + the hidden "
-          f"states up to 2 x --memory-budget; none of it grows with the calibration tokens")
+          f"states up to 2 x --memory-budget, + at most {ObserveOptions.pair_bytes >> 20} MB of the alignment's "
+          f"neuron products (taken only when they fit); none of it grows with the calibration tokens")
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "child":
