@@ -23,7 +23,9 @@ logits over all calibration tokens, normalised (dropped with ``gate_output=False
 exactly from the logits' Gram matrix, accumulated batch by batch (:mod:`..observe`). The grouping reads the
 distances of the dropped experts and of the centroids that take them only (:func:`output_experts`), so only
 those experts' mean outputs are computed, each on every calibration token (the others' would cost as much and
-never be read).
+never be read). With C > 0 they are exactly the experts that merge, so that run also gives the alignment's
+activation costs for every centroid x member pair that may merge (:class:`..observe.NeuronProducts`, when
+they fit ``pair_bytes``; otherwise the merged experts run again on the sampled inputs).
 ``align=False`` skips the neuron alignment (an ablation: it shows what the Hungarian step is for).
 ``group_size="auto"`` chooses C per layer among 2, 4, 8, N/8 and 16 by the error each causes on held-out
 calibration batches (:mod:`..candidates`, as the ``auto`` method does with pruning among the candidates).
