@@ -98,12 +98,14 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, help="default 256 (512 with --tokens)")
     ap.add_argument("--layers", type=int, help="default 48 (2 with --tokens)")
     ap.add_argument("--tokens", help="comma-separated calibration sizes: sweep them on the routing-shape checkpoint")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="with --tokens: runs per size; the peak RSS is their median (it varies run to run)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.tokens:
         from compress_scale import sweep
 
-        sweep([int(t) for t in a.tokens.split(",")], a.layers or 2, a.seq_len or 512)
+        sweep([int(t) for t in a.tokens.split(",")], a.layers or 2, a.seq_len or 512, max(1, a.repeat))
         return
     a.layers, a.seq_len = a.layers or 48, a.seq_len or 256
     if a.child:

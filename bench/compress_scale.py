@@ -14,6 +14,7 @@ machine, per token and expert, and multiplies out; GPU figures rest on stated th
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -90,22 +91,30 @@ def expert_cost(experts: int, top_k: int, hidden: int, inter: int, tokens: int, 
     return routed / tokens / top_k, max(seconds(True) - routed, 0.0) / tokens / experts
 
 
-def sweep(sizes: list[int], layers: int, seq_len: int) -> None:
+def sweep(sizes: list[int], layers: int, seq_len: int, repeat: int = 1) -> None:
+    """Each size in ``repeat`` child processes: the peak RSS is their median (heap fragmentation moves one run's
+    peak by tens of MB), printed with its range; the times are the last run's."""
     src = build(layers)
     print(f"checkpoint: {src} ({layers} layers, 512 experts, top-10, shared expert, hidden 128, width 64)")
-    print("| tokens | peak RSS | seconds / layer | token-layers / s |\n|---|---|---|---|")
+    head = "peak RSS" if repeat == 1 else f"peak RSS (median of {repeat}, range)"
+    print(f"| tokens | {head} | seconds / layer | token-layers / s |\n|---|---|---|---|")
     peaks, rates = [], []
     for tokens in sizes:
-        proc = subprocess.run([sys.executable, __file__, "child", str(src), str(tokens), str(seq_len)],
-                              capture_output=True, text=True)
-        if proc.returncode:
-            sys.exit(proc.stderr[-2000:])
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        runs = []
+        for _ in range(repeat):
+            proc = subprocess.run([sys.executable, __file__, "child", str(src), str(tokens), str(seq_len)],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(proc.stderr[-2000:])
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        r = runs[-1]
         per = r["layers"]
-        peaks.append(r["peak"])
+        peaks.append(statistics.median(x["peak"] for x in runs))
         rates.append(tokens * layers / r["seconds"])
-        print(f"| {tokens} | {r['peak'] / 1e9:.3f} GB | mean {sum(per) / len(per):.1f}, max {max(per):.1f} | "
-              f"{rates[-1]:.0f} |", flush=True)
+        spread_runs = "" if repeat == 1 else \
+            f" ({min(x['peak'] for x in runs) / 1e9:.3f}-{max(x['peak'] for x in runs) / 1e9:.3f})"
+        print(f"| {tokens} | {peaks[-1] / 1e9:.3f} GB{spread_runs} | mean {sum(per) / len(per):.1f}, max "
+              f"{max(per):.1f} | {rates[-1]:.0f} |", flush=True)
     spread = (max(peaks) - min(peaks)) / min(peaks)
     print(f"peak RSS spread over a {max(sizes) // min(sizes)}x range of tokens: {spread:.1%} (target < 10%)")
     routed, dense = expert_cost(512, 10, SHAPE["hidden_size"], SHAPE["moe_intermediate_size"], 4096)

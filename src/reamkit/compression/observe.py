@@ -223,7 +223,7 @@ class ExpertStats:
         if not cs or not ms or not per or set(cs) & set(ms):
             return None
         step = max(1, int(self.options.block_bytes // (3 * per * self.inter * 4)))
-        need = (len(cs) * len(ms) * self.inter ** 2 * 8 + (len(cs) + len(ms)) * self.inter * 8
+        need = (len(cs) * len(ms) * self.inter ** 2 * 4 + (len(cs) + len(ms)) * self.inter * 8
                 + (len(cs) + step) * per * self.inter * 4)
         return NeuronProducts(cs, ms, self.inter) if need <= self.options.pair_bytes else None
 
@@ -296,15 +296,15 @@ class ExpertStats:
 
 
 class NeuronProducts:
-    """Sums over the sampled positions of h_c h_j^T for every centroid c and member j ([C, M, D, D], float64) and
-    of h_e^2 ([C + M, D]), taken from the hidden activations [n, T, D] an output-sum replay computes for a
-    block of experts at a time. The centroids are evaluated first in each batch and their samples kept until
-    the batch's members have come (:meth:`take`)."""
+    """Sums over the sampled positions of h_c h_j^T for every centroid c and member j ([C, M, D, D], float32, the
+    precision of the feature products they replace) and of h_e^2 ([C + M, D]), taken from the hidden activations
+    [n, T, D] an output-sum replay computes for a block of experts at a time. The centroids are evaluated first
+    in each batch and their samples kept until the batch's members have come (:meth:`take`)."""
 
     def __init__(self, centroids: list[int], members: list[int], inter: int):
         self.centroids, self.members = centroids, members
         self.row = {e: i for i, e in enumerate(centroids + members)}
-        self.gram = torch.zeros(len(centroids), len(members), inter, inter, dtype=torch.float64)
+        self.gram = torch.zeros(len(centroids), len(members), inter, inter, dtype=torch.float32)
         self.sumsq = torch.zeros(len(self.row), inter, dtype=torch.float64)
         self.at: torch.Tensor | None = None
         self.kept: torch.Tensor | None = None              # [C, S_b, D]: the centroids' samples of this batch
@@ -326,7 +326,7 @@ class NeuronProducts:
                     self.kept = he.new_empty(len(self.centroids), *he.shape)
                 self.kept[r] = he
             else:                                          # every centroid came before (ensure_outputs' order)
-                self.gram[:, r - len(self.centroids)] += (self.kept.transpose(1, 2) @ he).double().cpu()
+                self.gram[:, r - len(self.centroids)] += (self.kept.transpose(1, 2) @ he).float().cpu()
 
     def distance(self, c: int, j: int) -> torch.Tensor | None:
         """||u_a - v_b|| [D, D] for centroid ``c`` and member ``j`` (see :meth:`ExpertStats.neuron_distance`),
@@ -337,7 +337,7 @@ class NeuronProducts:
         nc, nj = self.sumsq[rc].sqrt(), self.sumsq[rj].sqrt()
         dc, dj = nc.clamp_min(1e-12), nj.clamp_min(1e-12)     # a zero neuron's unit vector is zero, as normalised
         sq = ((nc / dc) ** 2)[:, None] + ((nj / dj) ** 2)[None] - 2 * self.gram[rc, rj - len(self.centroids)] \
-            / torch.outer(dc, dj)
+            .double() / torch.outer(dc, dj)
         return sq.clamp_min_(0).sqrt_().float()
 
 
