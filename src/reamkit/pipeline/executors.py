@@ -58,6 +58,9 @@ class LocalExecutor:
         for proc in procs:
             proc.join(1)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        manager = getattr(self.pool, "_executor_manager_thread", None)
+        if manager is not None:       # it closes its wake-up pipe as it ends; CPython's exit hook writing to that
+            manager.join(5)           # pipe while it closes raced ("Bad file descriptor" after a Ctrl-C)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
