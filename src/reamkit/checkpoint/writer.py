@@ -21,6 +21,7 @@ AUX_FILES = (
     "chat_template.json",
 )
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+COPY_CHUNK = 4 << 20        # a shard's data is copied behind its header in chunks of this size (each one a buffer)
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
@@ -123,7 +124,7 @@ class CheckpointWriter:
         with open(self._tmp / f"part-{n:05d}.safetensors", "wb") as f, open(data_path, "rb") as data:
             f.write(len(header).to_bytes(8, "little"))
             f.write(header)
-            shutil.copyfileobj(data, f, 64 << 20)
+            shutil.copyfileobj(data, f, COPY_CHUNK)
         data_path.unlink()
         self._shards.append(list(self._entries))
         self._total += self._buffer_bytes
