@@ -96,7 +96,7 @@ def statistic_sizes(st: ExpertStats) -> dict[str, int]:
     if st.logit_gram is not None:
         tensors["logit_gram"] = st.logit_gram
     sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
-    sizes["x_samples"] = sum(v.numel() * v.element_size() for v in st.x_samples)
+    sizes["x_samples"] = st.x_samples.numel() * st.x_samples.element_size()
     sizes["neuron_products"] = sum(t.numel() * t.element_size() for p in st.neuron_products
                                    for t in (p.gram, p.sumsq))
     return sizes
@@ -120,6 +120,26 @@ def test_no_statistic_grows_with_the_calibration_tokens(batches):
     assert full.sampled == half.sampled <= 128
     assert set(statistic_sizes(full)) >= {"logit_gram", "gated_out_sum", "x_samples", "reap_sum"}
     assert statistic_sizes(full)["neuron_products"] > 0
+
+
+@pytest.mark.parametrize("batches,cap", [(4, 128), (6, 1000), (300, 128)])
+def test_sampled_inputs_are_the_batches_rows_at_their_sampled_positions(batches, cap):
+    """The samples go into one buffer of at most ``cap`` rows, batch after batch: each batch's share of it is that
+    batch's MoE input at the positions recorded for the batch (distinct positions, within the batch)."""
+    gen = torch.Generator().manual_seed(2)
+    block = make_block(gen)
+    x = tokens(gen, 2400)
+    st = observed(block, x, batches, samples=cap, outputs=False)
+    xs = st.sampled_inputs()
+    assert len(xs) == st.sampled <= min(cap, len(st.x_samples))
+    start = 0
+    for b, chunk in enumerate(x.chunk(batches)):
+        pos = st._positions(b)
+        assert len(set(pos.tolist())) == len(pos) and (pos < len(chunk)).all()
+        assert torch.equal(xs[start:start + len(pos)], chunk[pos])
+        start += len(pos)
+    assert start == st.sampled and st._positions(batches) is None
+    assert st.sampled == min(cap, max(1, cap // batches) * batches)
 
 
 def test_logit_similarities_follow_exactly_from_the_gram_matrix():

@@ -22,8 +22,8 @@ MoE inputs: REAM reads only the dropped experts' and those of the centroids that
                          i's logit on every token, REAM's and M-SMoE's similarity) enters only through inner
                          products v_i . v_j, which are exactly these entries: :meth:`ExpertStats.logit_cosine`
 * ``x_samples``         the MoE input at ``activation_samples`` positions at most [S, H], S // batches drawn
-                        uniformly from each batch (one from each of the first S batches when there are more);
-                        REAM's neuron alignment needs h_i there, computed on demand
+                        uniformly from each batch (one from each of the first S batches when there are more),
+                        into one buffer allocated at the first batch (their positions likewise); REAM's neuron alignment needs h_i there, computed on demand
                         (:meth:`ExpertStats.neuron_activations`) for the few experts that are merged
 * ``neuron_products``   the same alignment's costs for the expert pairs it may match (centroids c x members j),
                         taken while the output sums are replayed (those experts' h_i at the sampled positions come
@@ -85,8 +85,9 @@ class ExpertStats:
         self.tokens = 0
         self.batches = 0
         self.sampled = 0
-        self.x_samples: list[torch.Tensor] = []
-        self._sample_pos: list[torch.Tensor] = []   # per observed batch: the positions sampled in it
+        self.x_samples: torch.Tensor | None = None     # [bound, H], allocated at the first batch, filled in order
+        self._sample_pos: torch.Tensor | None = None   # [bound]: the sampled positions, batch after batch
+        self._sample_at: list[int] = [0]               # where each observed batch's positions start in it
         self.neuron_products: list[NeuronProducts] = []   # taken in output-sum replays, for alignment
         self._block: MoEBlock | None = None        # the block observed last (for activations on demand)
         self._gen = torch.Generator().manual_seed(self.options.seed)
@@ -120,13 +121,29 @@ class ExpertStats:
     def _sample(self, x: torch.Tensor) -> None:
         cap = self.options.activation_samples
         if not cap or self.sampled >= cap:
-            self._sample_pos.append(torch.empty(0, dtype=torch.long))
+            self._sample_at.append(self.sampled)
             return
-        per = min(max(1, cap // max(1, self.expected_batches)), cap - self.sampled)
-        pos = torch.randperm(x.shape[0], generator=self._gen)[:per]
-        self._sample_pos.append(pos)
-        self.x_samples.append(x[pos.to(x.device)].clone())
+        each = max(1, cap // max(1, self.expected_batches))
+        if self.x_samples is None:
+            # one buffer each for all batches' samples and positions: no small blocks left behind by every
+            # batch to fragment the heap that the batches' large temporaries come from
+            bound = min(cap, each * max(1, self.expected_batches))
+            self.x_samples = x.new_empty(bound, x.shape[1])
+            self._sample_pos = torch.empty(bound, dtype=torch.long)
+        start = self.sampled
+        per = min(each, cap - start, len(self.x_samples) - start)
+        drawn = torch.randperm(x.shape[0], generator=self._gen)[:per]
+        pos = self._sample_pos[start:start + len(drawn)]
+        pos.copy_(drawn)
+        torch.index_select(x, 0, pos.to(x.device), out=self.x_samples[start:start + len(pos)])
         self.sampled += len(pos)
+        self._sample_at.append(self.sampled)
+
+    def _positions(self, b: int) -> torch.Tensor | None:
+        """The positions sampled in observed batch ``b`` (None: no such batch)."""
+        if b + 1 >= len(self._sample_at) or self._sample_pos is None:
+            return None
+        return self._sample_pos[self._sample_at[b]:self._sample_at[b + 1]]
 
     def _routed(self, block: MoEBlock, x, probs, gates, routed) -> None:
         """The statistics over each expert's routed tokens: its output's norm there (saliencies) and its squared
@@ -200,7 +217,7 @@ class ExpertStats:
                 x = x.to(block.router.dtype)
                 probs = torch.softmax(block.router_logits(x).float(), dim=-1)
                 if products is not None:
-                    products.batch(self._sample_pos[b] if b < len(self._sample_pos) else None)
+                    products.batch(self._positions(b))
                 self._all_outputs(block, x, idx.to(x.device), probs, gated, plain,
                                   products.take if products is not None else None)
                 seen += x.shape[0]
@@ -219,7 +236,7 @@ class ExpertStats:
         if not pairs:
             return None
         cs, ms = ([int(e) for e in dict.fromkeys(side) if int(e) in replayed] for side in pairs)
-        per = max((len(p) for p in self._sample_pos), default=0)
+        per = max((b - a for a, b in zip(self._sample_at, self._sample_at[1:])), default=0)
         if not cs or not ms or not per or set(cs) & set(ms):
             return None
         step = max(1, int(self.options.block_bytes // (3 * per * self.inter * 4)))
@@ -259,10 +276,8 @@ class ExpertStats:
         return self.logit_gram / torch.outer(norm, norm).clamp(min=1e-300)
 
     def sampled_inputs(self) -> torch.Tensor:
-        """The MoE inputs at the sampled positions [S, H] (the batches' samples joined once, kept joined)."""
-        if len(self.x_samples) > 1:
-            self.x_samples = [torch.cat(self.x_samples)]
-        return self.x_samples[0] if self.x_samples else torch.empty(0, self.hidden)
+        """The MoE inputs at the sampled positions [S, H]."""
+        return self.x_samples[:self.sampled] if self.x_samples is not None else torch.empty(0, self.hidden)
 
     def neuron_activations(self, e: int, block: MoEBlock | None = None) -> torch.Tensor:
         """Expert ``e``'s hidden activations at the sampled positions, one row per neuron [D, S] (float32),
