@@ -171,11 +171,16 @@ class ExpertStats:
     def _all_outputs(self, block: MoEBlock, x, idx: torch.Tensor, probs, gated, plain, on_block=None) -> None:
         """Add the sums over all tokens of p_i E_i and of E_i for the experts ``idx`` to ``gated`` and ``plain``
         [N, H], a few experts at a time (``on_block(experts, h)`` sees each block's hidden activations)."""
-        step = max(1, int(self.options.block_bytes // max(1, 3 * x.shape[0] * self.inter * x.element_size())))
+        step = self._block_experts(x.shape[0], x.element_size())
         for s in range(0, len(idx), step):
             h = self._outputs(block, x, idx[s:s + step], probs, gated, plain)
             if on_block is not None:
                 on_block(idx[s:s + step].tolist(), h)
+
+    def _block_experts(self, tokens: int, itemsize: int) -> int:
+        """Experts per block of :meth:`_all_outputs`: their gate, up and hidden activations on ``tokens`` tokens
+        ([n, T, D] each) within ``block_bytes``."""
+        return max(1, int(self.options.block_bytes // max(1, 3 * tokens * self.inter * itemsize)))
 
     def _outputs(self, block: MoEBlock, x, idx: torch.Tensor, probs, gated, plain) -> torch.Tensor:
         h = block.expert_hidden(x, idx)                                    # [n, T, D]
@@ -239,7 +244,7 @@ class ExpertStats:
         per = max((b - a for a, b in zip(self._sample_at, self._sample_at[1:])), default=0)
         if not cs or not ms or not per or set(cs) & set(ms):
             return None
-        step = max(1, int(self.options.block_bytes // (3 * per * self.inter * 4)))
+        step = self._block_experts(per, 4)
         need = (len(cs) * len(ms) * self.inter ** 2 * 4 + (len(cs) + len(ms)) * self.inter * 8
                 + (len(cs) + step) * per * self.inter * 4)
         return NeuronProducts(cs, ms, self.inter) if need <= self.options.pair_bytes else None
