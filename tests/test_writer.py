@@ -43,3 +43,17 @@ def test_a_failed_write_leaves_nothing(tmp_path):
             w.add({"a": torch.ones(3)})
             raise RuntimeError("killed")
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_a_shard_larger_than_the_copy_chunk_is_copied_whole(tmp_path, monkeypatch):
+    """A shard's data goes behind its header in chunks (a bounded buffer): every chunk arrives, in order."""
+    import reamkit.checkpoint.writer as writer
+
+    monkeypatch.setattr(writer, "COPY_CHUNK", 1000)
+    gen = torch.Generator().manual_seed(1)
+    tensors = {f"w{i}": torch.randn(37, 29, generator=gen) for i in range(6)}      # 4292 bytes each
+    out = tmp_path / "m"
+    with CheckpointWriter(out, config={"model_type": "x"}) as w:
+        w.add(tensors)
+    got = load_file(str(out / "model.safetensors"))
+    assert got.keys() == tensors.keys() and all(torch.equal(got[k], v) for k, v in tensors.items())
