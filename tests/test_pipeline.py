@@ -288,6 +288,24 @@ def _gone(p) -> bool:
         return True
 
 
+def test_stopping_the_local_executor_ends_its_pool_and_the_pools_manager_thread():
+    """An interrupted run's stop kills the workers and waits for the pool's manager thread: alive at exit, it
+    closes its wake-up pipe while CPython's exit hook writes to it ('Bad file descriptor' traceback)."""
+    from reamkit.pipeline.executors import LocalExecutor
+
+    ex = LocalExecutor(1)
+    future = ex.pool.submit(time.sleep, 60)
+    t0 = time.monotonic()
+    while not ex.pool._processes and time.monotonic() - t0 < 30:
+        time.sleep(0.05)
+    workers = list(ex.pool._processes.values())
+    manager = ex.pool._executor_manager_thread
+    ex.stop()
+    assert workers and not any(w.is_alive() for w in workers)
+    assert not manager.is_alive() and future.done()
+    ex.close()
+
+
 def test_ctrl_c_and_sigterm_stop_every_child_at_once_in_one_line_and_the_run_resumes(project, baseline, tmp_path,
                                                                                        figure):
     import psutil

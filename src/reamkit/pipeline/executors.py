@@ -57,10 +57,12 @@ class LocalExecutor:
             proc.kill()
         for proc in procs:
             proc.join(1)
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        # The pool's manager thread closes its wake-up pipe as it ends; CPython's exit hook writing to that pipe
+        # while it closes raced ("Bad file descriptor" after a Ctrl-C): wait for it (shutdown() forgets it).
         manager = getattr(self.pool, "_executor_manager_thread", None)
-        if manager is not None:       # it closes its wake-up pipe as it ends; CPython's exit hook writing to that
-            manager.join(5)           # pipe while it closes raced ("Bad file descriptor" after a Ctrl-C)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        if manager is not None:
+            manager.join(5)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
