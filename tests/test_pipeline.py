@@ -19,6 +19,8 @@ from reamkit.errors import ReamkitError
 from reamkit.pipeline import load_config, run_pipeline
 from reamkit.zoo import write_zoo_model
 
+from .signals_support import as_terminal_job
+
 REAMKIT = [sys.executable, "-m", "reamkit.cli"]
 
 CONFIG = """
@@ -314,7 +316,8 @@ def test_ctrl_c_and_sigterm_stop_every_child_at_once_in_one_line_and_the_run_res
     for sig, code, how, after in ((signal.SIGINT, 130, "Ctrl-C", "start prepare:tiny"),
                                   (signal.SIGTERM, 143, "SIGTERM", "start quantize:")):
         proc = subprocess.Popen([*REAMKIT, "run", str(project / "run.toml"), "-o", str(run)], text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                preexec_fn=as_terminal_job)
         log = run / "pipeline.log"
         while proc.poll() is None and after not in (log.read_text() if log.is_file() else ""):
             time.sleep(0.1)

@@ -19,6 +19,8 @@ import pytest
 
 from reamkit.checkpoint import Checkpoint, write_checkpoint
 
+from .signals_support import as_terminal_job
+
 REAMKIT = [sys.executable, "-m", "reamkit.cli"]
 TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt")
 
@@ -216,7 +218,7 @@ def test_a_signal_during_convert_is_one_line_and_stops_the_converter(tmp_path, m
     """Ctrl-C reaches the whole foreground process group (as a terminal sends it); SIGTERM only reamkit."""
     out = tmp_path / "m.gguf"
     proc = subprocess.Popen([*REAMKIT, "convert", str(model), "-o", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=as_terminal_job)
     me = psutil.Process(proc.pid)
     deadline = time.monotonic() + 120
     children = []
