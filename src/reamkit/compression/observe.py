@@ -23,8 +23,9 @@ MoE inputs: REAM reads only the dropped experts' and those of the centroids that
                          products v_i . v_j, which are exactly these entries: :meth:`ExpertStats.logit_cosine`
 * ``x_samples``         the MoE input at ``activation_samples`` positions at most [S, H], S // batches drawn
                         uniformly from each batch (one from each of the first S batches when there are more),
-                        into one buffer allocated at the first batch (their positions likewise); REAM's neuron alignment needs h_i there, computed on demand
-                        (:meth:`ExpertStats.neuron_activations`) for the few experts that are merged
+                        into one buffer allocated at the first batch (their positions likewise); REAM's neuron
+                        alignment needs h_i there, computed on demand (:meth:`ExpertStats.neuron_activations`) for
+                        the few experts that are merged
 * ``neuron_products``   the same alignment's costs for the expert pairs it may match (centroids c x members j),
                         taken while the output sums are replayed (those experts' h_i at the sampled positions come
                         out of the replay): sums over the samples of h_c h_j^T [C, M, D, D] and of h_e^2
@@ -84,10 +85,10 @@ class ExpertStats:
         self.has_outputs = torch.zeros(n, dtype=torch.bool)     # experts whose output sums are complete
         self.tokens = 0
         self.batches = 0
-        self.sampled = 0
         self.x_samples: torch.Tensor | None = None     # [bound, H], allocated at the first batch, filled in order
         self._sample_pos: torch.Tensor | None = None   # [bound]: the sampled positions, batch after batch
-        self._sample_at: list[int] = [0]               # where each observed batch's positions start in it
+        self._sample_at: list[int] = [0]               # where each observed batch's positions start in it (and,
+                                                       # last, how many are sampled)
         self.neuron_products: list[NeuronProducts] = []   # taken in output-sum replays, for alignment
         self._block: MoEBlock | None = None        # the block observed last (for activations on demand)
         self._gen = torch.Generator().manual_seed(self.options.seed)
@@ -131,13 +132,17 @@ class ExpertStats:
             self.x_samples = x.new_empty(bound, x.shape[1])
             self._sample_pos = torch.empty(bound, dtype=torch.long)
         start = self.sampled
-        per = min(each, cap - start, len(self.x_samples) - start)
+        per = min(each, len(self.x_samples) - start)         # (the buffer holds at most cap rows)
         drawn = torch.randperm(x.shape[0], generator=self._gen)[:per]
         pos = self._sample_pos[start:start + len(drawn)]
         pos.copy_(drawn)
         torch.index_select(x, 0, pos.to(x.device), out=self.x_samples[start:start + len(pos)])
-        self.sampled += len(pos)
-        self._sample_at.append(self.sampled)
+        self._sample_at.append(start + len(pos))
+
+    @property
+    def sampled(self) -> int:
+        """How many positions are sampled so far."""
+        return self._sample_at[-1]
 
     def _positions(self, b: int) -> torch.Tensor | None:
         """The positions sampled in observed batch ``b`` (None: no such batch)."""
