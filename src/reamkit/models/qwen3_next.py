@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 
 from ..errors import CheckpointError
+from . import gated_deltanet
 from .base import Adapter
 from .facts import ATTENTION, DENSE_FFN, OUTPUT, SHARED_EXPERT, Memory, Shape, heads
 
@@ -44,6 +45,12 @@ class Qwen3NextAdapter(Adapter):
             return types[index]
         interval = int(config.get("full_attention_interval", 4))
         return "full_attention" if (index + 1) % interval == 0 else "linear_attention"
+
+    def build_layer(self, hf_config, index, tensors, dtype=None):
+        # Linear-attention layers get a whole-sequence forward that skips the reference kernels' copies.
+        layer = super().build_layer(hf_config, index, tensors, dtype)
+        gated_deltanet.install(layer)
+        return layer
 
     def layer_masks(self, hf_config, embeds, position_ids, attention_mask):
         from transformers.masking_utils import create_recurrent_attention_mask
