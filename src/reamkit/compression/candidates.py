@@ -105,7 +105,7 @@ def block_output(block: MoEBlock, x: torch.Tensor, chunk: int = 4096) -> torch.T
             tok, slot = (idx == e).nonzero(as_tuple=True)
             one = Experts(block.experts.gate[e:e + 1], block.experts.up[e:e + 1], block.experts.down[e:e + 1])
             sub = MoEBlock(block.router, one, block.routing)
-            ye = sub.expert_down(sub.expert_hidden(xc[tok]))[0].float()
+            ye = sub.expert_down(sub.expert_hidden(xc.index_select(0, tok)))[0].float()
             y.index_add_(0, tok, w[tok, slot, None] * ye)
         outs.append(y)
     return torch.cat(outs) if outs else torch.empty(0, block.router.shape[1])

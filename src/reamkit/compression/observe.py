@@ -156,11 +156,12 @@ class ExpertStats:
         e, tok = routed.T.nonzero(as_tuple=True)                           # (expert, token) pairs, expert-major
         counts = torch.bincount(e, minlength=block.num_experts).tolist()
         norms = torch.empty(len(e), dtype=torch.float32, device=x.device)
+        xs = x.index_select(0, tok)                                        # every expert's tokens, in one gather
         start = 0
         for i, c in enumerate(counts):
             if c:
                 one = slice(i, i + 1)
-                h = block.expert_hidden(x[tok[start:start + c]], one)          # [1, c, D]
+                h = block.expert_hidden(xs[start:start + c], one)               # [1, c, D]
                 norms[start:start + c] = block.expert_down(h, one)[0].float().norm(dim=-1)
                 h = h[0]
                 self.mid_sumsq[i] += (h * h).sum(0).double().cpu()
@@ -402,7 +403,7 @@ class OutputStats:
         for i in range(probs.shape[1]):
             rows = (top == i).any(-1).nonzero().squeeze(1)
             if rows.numel():
-                xi = x[rows]
+                xi = x.index_select(0, rows)
                 self.add(i, xi, block.expert_hidden(xi, slice(i, i + 1))[0])
 
     def summary_tensors(self) -> dict[str, torch.Tensor]:
