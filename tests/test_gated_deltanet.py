@@ -109,8 +109,8 @@ def test_install_refuses_a_module_it_does_not_know():
     assert gated_deltanet.install(torch.nn.Linear(2, 2)) is False
 
 
-def test_a_cached_call_keeps_transformers_forward():
-    """Decoding one token at a time with a cache is transformers' business; the installed forward hands it on."""
+def test_a_cached_or_packed_call_keeps_transformers_forward():
+    """Decoding with a cache and packed sequences are transformers' business; the installed forward hands them on."""
     from reamkit.zoo import build_cached
 
     opened = open_model(build_cached("qwen3_next"))
@@ -120,8 +120,8 @@ def test_a_cached_call_keeps_transformers_forward():
     real = type(layer.linear_attn).forward
 
     def spy(self, *a, **kw):
-        seen.append(kw.get("cache_params"))
-        return real(self, *a, **kw)
+        seen.append(kw.get("cache_params") if kw.get("cache_params") is not None else kw.get("cu_seq_lens_q"))
+        return real(self, *a, **kw) if "cu_seq_lens_q" not in kw else "stock"
 
     type(layer.linear_attn).forward = spy
     try:
@@ -132,5 +132,8 @@ def test_a_cached_call_keeps_transformers_forward():
         cache = DynamicCache(config=model.hf_config)
         layer.linear_attn(x, cache_params=cache)
         assert seen == [cache]
+        cu = torch.tensor([0, 2, 5])
+        assert layer.linear_attn(x, cu_seq_lens_q=cu) == "stock"
+        assert seen == [cache, cu]
     finally:
         type(layer.linear_attn).forward = real

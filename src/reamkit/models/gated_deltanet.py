@@ -13,7 +13,7 @@ linear-attention module a forward that computes the same thing in the same order
   length is a multiple of the chunk, masks and exponentials in place.
 
 The arithmetic per element is unchanged (the tests compare it with transformers' own forward); cached decoding
-(one token at a time, ``cache_params``) keeps transformers' forward.
+(``cache_params``) and packed sequences (``cu_seq_lens_q``) keep transformers' forward.
 """
 
 from __future__ import annotations
@@ -111,8 +111,9 @@ def chunk_gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.
 
 
 def _forward(self: nn.Module, hidden_states: torch.Tensor, cache_params=None, attention_mask=None, **kwargs):
-    """Qwen3-Next's GatedDeltaNet forward for whole sequences (transformers' own with a cache)."""
-    if cache_params is not None:
+    """Qwen3-Next's GatedDeltaNet forward for whole sequences (transformers' own with a cache or packed
+    sequences)."""
+    if cache_params is not None or kwargs.get("cu_seq_lens_q") is not None:
         return type(self).forward(self, hidden_states, cache_params=cache_params, attention_mask=attention_mask,
                                   **kwargs)
     if attention_mask is not None:                    # padding tokens contribute nothing
