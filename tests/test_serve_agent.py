@@ -83,16 +83,25 @@ def test_codex_exec_one_shot_prompt(tiny_coder_gguf, tmp_path):
     check_codex_turn(tiny_coder_gguf, tmp_path)
 
 
-def check_codex_turn(gguf: Path, tmp: Path, *serve_args: str) -> None:
-    run, requests = codex_turn(gguf, tmp, *serve_args)
-    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-3000:], requests)
-    events = [json.loads(ln) for ln in run.stdout.splitlines() if ln.startswith("{")]
-    turns = [e["type"] for e in events if e["type"].startswith("turn.")]
-    assert turns[-1:] == ["turn.completed"] and "turn.failed" not in turns, events
-    assert requests and all("-> 200" in ln for ln in requests), requests
-    assert any(f'asked: "{PROMPT}"' in ln for ln in requests), requests
-    # what Codex reports as the model's message is what the server answered (the log JSON-escapes it)
-    said = [e["item"]["text"] for e in events if e["type"] == "item.completed"
-            and e["item"].get("type") == "agent_message"]
-    answer = json.dumps(" ".join(said[-1].split())[:60], ensure_ascii=False)[1:-1] if said else None
-    assert answer and any(f'answered: "{answer}' in ln for ln in requests), (said, requests)
+def check_codex_turn(gguf: Path, tmp: Path, *serve_args: str, tries: int = 3) -> None:
+    """One ``codex exec`` turn completes and Codex reports as the model's message what the server answered.
+    The tiny model's sampled answer is empty now and then (``<|im_end|>`` first): Codex then completes the turn
+    with no message, which is checked too, and the turn is run again (at most ``tries`` times)."""
+    for n in range(tries):
+        (tmp / f"try-{n}").mkdir()
+        run, requests = codex_turn(gguf, tmp / f"try-{n}", *serve_args)
+        assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-3000:], requests)
+        events = [json.loads(ln) for ln in run.stdout.splitlines() if ln.startswith("{")]
+        turns = [e["type"] for e in events if e["type"].startswith("turn.")]
+        assert turns[-1:] == ["turn.completed"] and "turn.failed" not in turns, events
+        assert requests and all("-> 200" in ln for ln in requests), requests
+        assert any(f'asked: "{PROMPT}"' in ln for ln in requests), requests
+        # what Codex reports as the model's message is what the server answered (the log JSON-escapes it)
+        said = [e["item"]["text"] for e in events if e["type"] == "item.completed"
+                and e["item"].get("type") == "agent_message"]
+        if not said and all(ln.endswith('answered: ""') for ln in requests):
+            continue                                       # an empty answer, and no message: sample again
+        answer = json.dumps(" ".join(said[-1].split())[:60], ensure_ascii=False)[1:-1] if said else None
+        assert answer and any(f'answered: "{answer}' in ln for ln in requests), (said, requests)
+        return
+    pytest.fail(f"the model answered nothing in {tries} turns")

@@ -1,7 +1,7 @@
 """Gated DeltaNet (Qwen3-Next's linear attention) over whole sequences, without a cache: the layer pass's path.
 
 Without flash-linear-attention and causal-conv1d (always so on a CPU) transformers runs reference PyTorch code
-for the two kernels of this token mixer, and a third of a demo compression went there: the depthwise causal
+for the two kernels of this token mixer, about a quarter of the demo compression's layer pass: the depthwise causal
 conv through a general convolution (~10 ms per 8 x 512-token batch, most of it in layout changes) and the
 chunked delta rule with a copy per head repeat, transpose and pad. :func:`install` gives a built layer's
 linear-attention module a forward that computes the same thing in the same order, with fewer passes over memory:
