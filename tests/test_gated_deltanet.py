@@ -7,13 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.models.qwen3_next import modeling_qwen3_next as hf
 
 from reamkit.compression.layerwise import LayerwiseModel
 from reamkit.models import gated_deltanet, open_model
 
 from .conftest import reference_ids
-
-hf = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
 
 
 def _inputs(b, t, hk, hv, d, seed=0, dtype=torch.float32):
